@@ -1,0 +1,99 @@
+//! Command-line interface (clap). Each subcommand maps to one module.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::stage::limits::parse_duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "host",
+    version,
+    about = "Streams ecommerce events from CSV files through WebAssembly stages into PostgreSQL, exactly once.",
+    long_about = "Streams ecommerce events from CSV files through WebAssembly stages into PostgreSQL, exactly once.\n\n\
+        Typical use:\n  host generate &                 # write a file of 100 events every 5 s into data/input/\n  \
+        host run --plugins plugins/     # ingest them; starts its own PostgreSQL unless --database-url is given"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the pipeline: watch the input folder, run the stages, write to PostgreSQL.
+    Run(RunArgs),
+    /// Write CSV files of synthetic ecommerce events (the test and demo data source).
+    Generate(GenerateArgs),
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    parse_duration(text)
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Folder with the plugin manifest (pipeline.toml) and the stage components.
+    #[arg(long, default_value = "plugins")]
+    pub plugins: PathBuf,
+    /// Folder the CSV files arrive in.
+    #[arg(long, default_value = "data/input")]
+    pub input: PathBuf,
+    /// PostgreSQL to write to. Without it (and without DATABASE_URL) the host
+    /// starts its own PostgreSQL cluster under --state-dir and prints its URL.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Largest batch, in CSV records.
+    #[arg(long, default_value_t = 5000)]
+    pub batch_size: usize,
+    /// Longest a batch stays open while input keeps arriving (idle input
+    /// is committed at once).
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub batch_interval: Duration,
+    /// Process every file present, commit, and exit (backfill, tests, benchmarks).
+    #[arg(long)]
+    pub once: bool,
+    /// Where /metrics (Prometheus) and /healthz are served; "off" disables.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_addr: String,
+    /// Local state: the embedded PostgreSQL cluster and the compile cache.
+    #[arg(long, default_value = "data")]
+    pub state_dir: PathBuf,
+    /// Compiled-component cache [default: <state-dir>/cache]; "off" disables.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// How often stateful stages' snapshots are committed (and always at
+    /// shutdown and on a swap).
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub snapshot_interval: Duration,
+    /// How long to wait for the database at start.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Folder to write files into.
+    #[arg(long, default_value = "data/input")]
+    pub output: PathBuf,
+    /// Pause between files.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    pub interval: Duration,
+    /// Events (rows) per file.
+    #[arg(long, default_value_t = 100)]
+    pub events_per_file: usize,
+    /// Stop after this many files [default: never].
+    #[arg(long)]
+    pub files: Option<u64>,
+    /// Share of rows that repeat an earlier event (same id, same values).
+    #[arg(long, default_value_t = 0.01)]
+    pub duplicate_rate: f64,
+    /// Share of rows that are malformed (bad UUID, number, timestamp, UTF-8, column count).
+    #[arg(long, default_value_t = 0.0)]
+    pub invalid_rate: f64,
+    /// Make the output identical run to run (event times then start at 2026-01-01).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}

@@ -1,0 +1,20 @@
+//! The host of the ecommerce event pipeline: CSV files in, WebAssembly
+//! stages in the middle, PostgreSQL out, exactly once.
+//!
+//! ```text
+//! source (files) -> parse -> batch -> stages (wasm) -> sink (postgres)
+//! ```
+//! Each arrow is a bounded channel; see `pipeline` for the wiring.
+
+pub mod batch;
+pub mod checkpoint;
+pub mod cli;
+pub mod embedded;
+pub mod fsutil;
+pub mod generate;
+pub mod metrics;
+pub mod parse;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+pub mod stage;

@@ -1,0 +1,117 @@
+//! The `host` binary: parses the command line and runs a subcommand.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+
+use host::cli::{Cli, Command};
+use host::generate::{GenerateConfig, Generator};
+use host::pipeline::{self, RunConfig};
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => {
+            let off = |p: &std::path::Path| p.as_os_str() == "off";
+            let config = RunConfig {
+                cache_dir: match &args.cache_dir {
+                    Some(p) if off(p) => None,
+                    Some(p) => Some(p.clone()),
+                    None => Some(args.state_dir.join("cache")),
+                },
+                plugins: args.plugins,
+                input: args.input,
+                database_url: args.database_url.filter(|u| !u.is_empty()),
+                state_dir: args.state_dir,
+                batch_size: args.batch_size,
+                batch_interval: args.batch_interval,
+                snapshot_interval: args.snapshot_interval,
+                once: args.once,
+                metrics_addr: (args.metrics_addr != "off").then_some(args.metrics_addr),
+                connect_timeout: args.connect_timeout,
+            };
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let totals = runtime.block_on(pipeline::run(config))?;
+            println!(
+                "done: {} batches, {} rows read, {} written, {} already present, {} malformed, {} rejected, {} failed, {} dropped by stages",
+                totals.batches, totals.rows_in, totals.written, totals.conflicting, totals.malformed,
+                totals.rejected, totals.failed, totals.dropped
+            );
+            Ok(())
+        }
+        Command::Generate(args) => {
+            for (name, rate) in [
+                ("--duplicate-rate", args.duplicate_rate),
+                ("--invalid-rate", args.invalid_rate),
+            ] {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&rate),
+                    "{name} must be between 0 and 1, not {rate}"
+                );
+            }
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            ctrlc_flag(flag);
+            let mut generator = Generator::new(GenerateConfig {
+                output: args.output.clone(),
+                interval: args.interval,
+                events_per_file: args.events_per_file,
+                files: args.files,
+                duplicate_rate: args.duplicate_rate,
+                invalid_rate: args.invalid_rate,
+                seed: args.seed,
+            });
+            let files = generator
+                .run(&stop)
+                .with_context(|| format!("cannot write into {}", args.output.display()))?;
+            println!("wrote {files} files into {}", args.output.display());
+            Ok(())
+        }
+    }
+}
+
+/// Stops the generator between files on SIGINT/SIGTERM.
+fn ctrlc_flag(flag: Arc<AtomicBool>) {
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        });
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        // A second signal should stop it at once, as usual.
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,262 @@
+//! Counters, gauges and histograms of the running pipeline, served as
+//! Prometheus text on `/metrics`, with `/healthz` beside them.
+//!
+//! One process-wide registry (`global()`): the parts of the pipeline
+//! record into it without threading a handle through every call.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (bound, count) in BUCKETS.iter().zip(self.counts.iter_mut()) {
+            if seconds <= *bound {
+                *count += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub rows_read: AtomicU64,
+    pub rows_malformed: AtomicU64,
+    pub rows_rejected: AtomicU64,
+    pub rows_failed: AtomicU64,
+    pub rows_dropped: AtomicU64,
+    pub rows_written: AtomicU64,
+    pub rows_conflicting: AtomicU64,
+    pub batches: AtomicU64,
+    pub db_errors: AtomicU64,
+    db_down: AtomicBool,
+    batch_latency: Mutex<Histogram>,
+    stage_seconds: Mutex<BTreeMap<String, (u64, f64)>>,
+    stage_failures: Mutex<BTreeMap<(String, String), u64>>,
+    plugin_loads: Mutex<BTreeMap<(String, String), u64>>,
+    problems: Mutex<BTreeMap<String, String>>,
+}
+
+static GLOBAL: OnceLock<Metrics> = OnceLock::new();
+
+pub fn global() -> &'static Metrics {
+    GLOBAL.get_or_init(Metrics::default)
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn batch_committed(&self, latency: Duration) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut h) = self.batch_latency.lock() {
+            h.observe(latency.as_secs_f64());
+        }
+    }
+
+    pub fn stage_time(&self, stage: &str, elapsed: Duration) {
+        if let Ok(mut map) = self.stage_seconds.lock() {
+            let entry = map.entry(stage.to_owned()).or_default();
+            entry.0 += 1;
+            entry.1 += elapsed.as_secs_f64();
+        }
+    }
+
+    pub fn stage_failure(&self, stage: &str, kind: &str) {
+        if let Ok(mut map) = self.stage_failures.lock() {
+            *map.entry((stage.to_owned(), kind.to_owned())).or_default() += 1;
+        }
+    }
+
+    pub fn plugin_loaded(&self, stage: &str) {
+        self.plugin_event(stage, "loaded");
+    }
+
+    pub fn plugin_rejected(&self, stage: &str, reason: &str) {
+        self.plugin_event(stage, &format!("rejected_{reason}"));
+    }
+
+    fn plugin_event(&self, stage: &str, outcome: &str) {
+        if let Ok(mut map) = self.plugin_loads.lock() {
+            *map.entry((stage.to_owned(), outcome.to_owned()))
+                .or_default() += 1;
+        }
+    }
+
+    pub fn set_db_down(&self, down: bool) {
+        self.db_down.store(down, Ordering::Relaxed);
+    }
+
+    /// Marks a part of the pipeline unhealthy (`Some(reason)`) or healthy.
+    pub fn set_problem(&self, part: &str, problem: Option<String>) {
+        if let Ok(mut map) = self.problems.lock() {
+            match problem {
+                Some(reason) => map.insert(part.to_owned(), reason),
+                None => map.remove(part),
+            };
+        }
+    }
+
+    /// `None` when healthy, else the reasons.
+    pub fn health(&self) -> Option<String> {
+        let mut reasons: Vec<String> = self
+            .problems
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| format!("{k}: {v}")).collect())
+            .unwrap_or_default();
+        if self.db_down.load(Ordering::Relaxed) {
+            reasons.push("database: unreachable, retrying".into());
+        }
+        (!reasons.is_empty()).then(|| reasons.join("\n"))
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counters: [(&str, &str, &AtomicU64); 9] = [
+            (
+                "pipeline_rows_read_total",
+                "CSV records read",
+                &self.rows_read,
+            ),
+            (
+                "pipeline_rows_malformed_total",
+                "records quarantined by the parser",
+                &self.rows_malformed,
+            ),
+            (
+                "pipeline_rows_rejected_total",
+                "events rejected by a stage",
+                &self.rows_rejected,
+            ),
+            (
+                "pipeline_rows_failed_total",
+                "events a stage failed on (quarantined)",
+                &self.rows_failed,
+            ),
+            (
+                "pipeline_rows_dropped_total",
+                "events a stage dropped (e.g. duplicates)",
+                &self.rows_dropped,
+            ),
+            (
+                "pipeline_rows_written_total",
+                "rows inserted into ecommerce_events",
+                &self.rows_written,
+            ),
+            (
+                "pipeline_rows_conflicting_total",
+                "rows already in the table (primary key)",
+                &self.rows_conflicting,
+            ),
+            ("pipeline_batches_total", "batches committed", &self.batches),
+            (
+                "pipeline_db_errors_total",
+                "database errors (each retried)",
+                &self.db_errors,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP pipeline_up 1 when healthy\n# TYPE pipeline_up gauge\npipeline_up {}",
+            u8::from(self.health().is_none())
+        );
+        if let Ok(h) = self.batch_latency.lock() {
+            let name = "pipeline_batch_latency_seconds";
+            let _ = writeln!(out, "# HELP {name} time from a batch's first row read to its commit\n# TYPE {name} histogram");
+            for (bound, count) in BUCKETS.iter().zip(h.counts) {
+                let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+                h.count, h.sum, h.count
+            );
+        }
+        if let Ok(map) = self.stage_seconds.lock() {
+            let _ = writeln!(out, "# HELP pipeline_stage_seconds time spent in each stage\n# TYPE pipeline_stage_seconds summary");
+            for (stage, (count, sum)) in map.iter() {
+                let _ = writeln!(out, "pipeline_stage_seconds_sum{{stage=\"{stage}\"}} {sum}\npipeline_stage_seconds_count{{stage=\"{stage}\"}} {count}");
+            }
+        }
+        if let Ok(map) = self.stage_failures.lock() {
+            let _ = writeln!(out, "# HELP pipeline_stage_failures_total failed stage calls by kind\n# TYPE pipeline_stage_failures_total counter");
+            for ((stage, kind), n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "pipeline_stage_failures_total{{stage=\"{stage}\",kind=\"{kind}\"}} {n}"
+                );
+            }
+        }
+        if let Ok(map) = self.plugin_loads.lock() {
+            let _ = writeln!(out, "# HELP pipeline_plugin_loads_total component loads by outcome\n# TYPE pipeline_plugin_loads_total counter");
+            for ((stage, outcome), n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "pipeline_plugin_loads_total{{stage=\"{stage}\",outcome=\"{outcome}\"}} {n}"
+                );
+            }
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until the process ends. A minimal
+/// HTTP/1.0 responder: enough for Prometheus and health probes, without
+/// pulling a web framework into the build.
+pub async fn serve(listener: TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", global().render()),
+                "/healthz" => match global().health() {
+                    None => ("200 OK", "ok\n".to_owned()),
+                    Some(reasons) => ("503 Service Unavailable", format!("{reasons}\n")),
+                },
+                _ => ("404 Not Found", "try /metrics or /healthz\n".to_owned()),
+            };
+            let response = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,480 @@
+//! CSV to typed events.
+//!
+//! The parser works on chunks of a file that end on a line boundary and
+//! reports, per record, where it ends (bytes and lines consumed), so the
+//! source can commit exact positions. A bad record never stops anything:
+//! it becomes a `BadRow` with its line, raw text and reason.
+
+use chrono::{DateTime, NaiveDateTime};
+
+use crate::stage::Event;
+
+/// The columns of an event, in the default order of a headerless file.
+pub const COLUMNS: [&str; 6] = [
+    "event_id",
+    "user_id",
+    "event_type",
+    "product_id",
+    "price",
+    "event_time",
+];
+
+/// Where each field is in a record: `index[i]` is the record position of
+/// `COLUMNS[i]`. Set from the header when a file has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    index: [usize; 6],
+    width: usize,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            index: [0, 1, 2, 3, 4, 5],
+            width: 6,
+        }
+    }
+}
+
+impl Layout {
+    /// Reads a header record. `Ok(None)` when the record is not a header.
+    pub fn from_header(record: &csv::ByteRecord) -> Result<Option<Layout>, String> {
+        let names: Vec<String> = record
+            .iter()
+            .map(|f| {
+                String::from_utf8_lossy(f)
+                    .trim_start_matches('\u{feff}')
+                    .trim()
+                    .to_ascii_lowercase()
+            })
+            .collect();
+        if !names.iter().any(|n| n == "event_id") {
+            return Ok(None);
+        }
+        let mut index = [0; 6];
+        for (slot, column) in index.iter_mut().zip(COLUMNS) {
+            *slot = names.iter().position(|n| n == column).ok_or_else(|| {
+                format!(
+                    "header has no column {column:?} (expected {})",
+                    COLUMNS.join(",")
+                )
+            })?;
+        }
+        Ok(Some(Layout {
+            index,
+            width: names.len(),
+        }))
+    }
+}
+
+/// A record that could not be turned into an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRow {
+    /// 1-based line number in the file where the record starts.
+    pub line: u64,
+    pub raw: String,
+    pub reason: String,
+}
+
+/// One record of a chunk, with the position right after it.
+#[derive(Debug)]
+pub struct Parsed {
+    pub result: Result<Event, BadRow>,
+    /// Bytes of the chunk consumed up to and including this record.
+    pub end: usize,
+    /// Lines of the chunk consumed up to and including this record.
+    pub lines: u64,
+}
+
+/// Per-file parse state that must persist across chunks.
+#[derive(Debug, Default, Clone)]
+pub struct FileParser {
+    layout: Layout,
+    /// Set once the first record of the file has been seen.
+    started: bool,
+}
+
+impl FileParser {
+    /// A parser for a file being resumed after `first_line` (the file's
+    /// first line, to learn its header) at a later offset.
+    pub fn resume(first_line: Option<&[u8]>) -> FileParser {
+        let mut parser = FileParser::default();
+        if let Some(line) = first_line {
+            let mut reader = csv_reader(line);
+            let mut record = csv::ByteRecord::new();
+            if let Ok(true) = reader.read_byte_record(&mut record) {
+                if let Ok(Some(layout)) = Layout::from_header(&record) {
+                    parser.layout = layout;
+                }
+            }
+        }
+        parser.started = true;
+        parser
+    }
+
+    /// Parses complete records of `chunk`, whose first line is line
+    /// `first_line` (1-based) of the file. When `is_final` is false, a last
+    /// record with an unclosed quote is left unconsumed: the rest of it has
+    /// not been written yet. Returns the bytes and lines consumed.
+    pub fn parse(
+        &mut self,
+        chunk: &[u8],
+        first_line: u64,
+        is_final: bool,
+        mut emit: impl FnMut(Parsed),
+    ) -> (usize, u64) {
+        let mut reader = csv_reader(chunk);
+        let mut record = csv::ByteRecord::new();
+        let mut consumed = 0usize;
+        let mut lines = 0u64;
+        loop {
+            match reader.read_byte_record(&mut record) {
+                Ok(false) => break,
+                Ok(true) => {}
+                Err(e) => {
+                    // csv reports only UTF-8 problems for ByteRecord, which
+                    // do not happen; treat anything else as the end.
+                    tracing::warn!("csv reader stopped: {e}");
+                    break;
+                }
+            }
+            let mut end = reader.position().byte() as usize;
+            // csv ends a CRLF record at the CR; the LF belongs to it too.
+            if end < chunk.len() && chunk[end] == b'\n' && end > 0 && chunk[end - 1] == b'\r' {
+                end += 1;
+            }
+            let raw = &chunk[consumed..end];
+            if !is_final && end == chunk.len() && !raw.ends_with(b"\n") {
+                break;
+            }
+            if !is_final && raw.iter().filter(|&&b| b == b'"').count() % 2 == 1 {
+                break;
+            }
+            let raw_lines = raw.iter().filter(|&&b| b == b'\n').count() as u64;
+            let start_line = first_line + lines + leading_blank_lines(raw);
+            lines += raw_lines;
+            consumed = end;
+            let result = if !self.started {
+                self.started = true;
+                match Layout::from_header(&record) {
+                    Ok(Some(layout)) => {
+                        self.layout = layout;
+                        continue;
+                    }
+                    Ok(None) => parse_event(&record, &self.layout),
+                    Err(reason) => Err(reason),
+                }
+            } else {
+                parse_event(&record, &self.layout)
+            };
+            emit(Parsed {
+                result: result.map_err(|reason| BadRow {
+                    line: start_line,
+                    raw: raw_text(raw),
+                    reason,
+                }),
+                end,
+                lines,
+            });
+        }
+        (consumed, lines)
+    }
+}
+
+fn csv_reader(data: &[u8]) -> csv::Reader<&[u8]> {
+    csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(data)
+}
+
+/// csv skips blank lines before a record; they belong to its raw slice.
+fn leading_blank_lines(raw: &[u8]) -> u64 {
+    let mut count = 0;
+    for &b in raw {
+        match b {
+            b'\n' => count += 1,
+            b'\r' => {}
+            _ => break,
+        }
+    }
+    count
+}
+
+fn raw_text(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw);
+    let text = text.trim_matches(|c| c == '\n' || c == '\r');
+    // A single line can be huge; the quarantine keeps enough to act on.
+    const MAX: usize = 64 * 1024;
+    if text.len() > MAX {
+        let mut cut = MAX;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{}... [{} bytes]", &text[..cut], text.len())
+    } else {
+        text.to_owned()
+    }
+}
+
+/// Turns one record into an event, or says precisely what is wrong.
+pub fn parse_event(record: &csv::ByteRecord, layout: &Layout) -> Result<Event, String> {
+    if record.len() != layout.width {
+        return Err(format!(
+            "expected {} fields, found {}",
+            layout.width,
+            record.len()
+        ));
+    }
+    let field = |i: usize| -> Result<&str, String> {
+        let bytes = &record[layout.index[i]];
+        std::str::from_utf8(bytes)
+            .map(|s| s.trim().trim_start_matches('\u{feff}'))
+            .map_err(|e| {
+                format!(
+                    "{} is not valid UTF-8 (bad byte at offset {})",
+                    COLUMNS[i],
+                    e.valid_up_to()
+                )
+            })
+    };
+    let event_id = field(0)?;
+    let event_id = uuid::Uuid::try_parse(event_id)
+        .map_err(|_| format!("event_id {event_id:?} is not a UUID"))?
+        .hyphenated()
+        .to_string();
+    Ok(Event {
+        event_id,
+        user_id: parse_int(field(1)?, "user_id")?,
+        event_type: field(2)?.to_owned(),
+        product_id: parse_int(field(3)?, "product_id")?,
+        price_cents: parse_price_cents(field(4)?)?,
+        event_time: parse_time_micros(field(5)?)?,
+    })
+}
+
+fn parse_int(text: &str, column: &str) -> Result<i32, String> {
+    text.parse()
+        .map_err(|_| format!("{column} {text:?} is not a 32-bit integer"))
+}
+
+/// "12.5" -> 1250. Exact: no float is involved.
+pub fn parse_price_cents(text: &str) -> Result<i64, String> {
+    let bad = || format!("price {text:?} is not a decimal number with at most 2 decimals");
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    if whole.is_empty() && fraction.is_empty()
+        || !whole.bytes().all(|b| b.is_ascii_digit())
+        || !fraction.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let significant = fraction.trim_end_matches('0');
+    if significant.len() > 2 {
+        return Err(bad());
+    }
+    let whole: i64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let mut cents_part = significant.to_owned();
+    while cents_part.len() < 2 {
+        cents_part.push('0');
+    }
+    let cents: i64 = cents_part.parse().map_err(|_| bad())?;
+    let value = whole
+        .checked_mul(100)
+        .and_then(|w| w.checked_add(cents))
+        .ok_or_else(bad)?;
+    Ok(if negative { -value } else { value })
+}
+
+/// RFC 3339 with `Z` or an offset, or a date-time without a zone (UTC).
+pub fn parse_time_micros(text: &str) -> Result<i64, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp_micros());
+    }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(text, format) {
+            return Ok(t.and_utc().timestamp_micros());
+        }
+    }
+    Err(format!(
+        "event_time {text:?} is not a timestamp (use RFC 3339, e.g. 2026-01-05T14:47:56.000Z)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(text: &str, is_final: bool) -> (Vec<Parsed>, usize) {
+        let mut parser = FileParser::default();
+        let mut out = Vec::new();
+        let (used, _) = parser.parse(text.as_bytes(), 1, is_final, |p| out.push(p));
+        (out, used)
+    }
+
+    const ID: &str = "550e8400-e29b-41d4-a716-446655440000";
+
+    #[test]
+    fn header_maps_columns_by_name() {
+        let text = format!(
+            "price,event_id,user_id,event_type,product_id,event_time\n99.99,{ID},1,view,2,2026-01-05T14:47:56.000Z\n"
+        );
+        let (rows, used) = parse_all(&text, false);
+        assert_eq!(used, text.len());
+        assert_eq!(rows.len(), 1);
+        let event = rows[0].result.as_ref().unwrap();
+        assert_eq!(event.price_cents, 9999);
+        assert_eq!(event.user_id, 1);
+        assert_eq!(rows[0].lines, 2);
+    }
+
+    #[test]
+    fn headerless_rows_use_default_order() {
+        let text = format!("{ID},12345,purchase,67890,99.99,2026-01-05T14:47:56Z\n");
+        let (rows, _) = parse_all(&text, false);
+        let e = rows[0].result.as_ref().unwrap();
+        assert_eq!(e.event_type, "purchase");
+        assert_eq!(e.product_id, 67890);
+        assert_eq!(e.event_time, 1_767_624_476_000_000);
+    }
+
+    #[test]
+    fn bad_rows_carry_line_raw_text_and_reason() {
+        let text = format!(
+            "event_id,user_id,event_type,product_id,price,event_time\n{ID},1,view,2,3.00\nnot-a-uuid,1,view,2,3.00,2026-01-05T00:00:00Z\n{ID},x,view,2,3.00,2026-01-05T00:00:00Z\n{ID},1,view,2,3.005,2026-01-05T00:00:00Z\n{ID},1,view,2,3.00,yesterday\n"
+        );
+        let (rows, _) = parse_all(&text, false);
+        let bad: Vec<&BadRow> = rows
+            .iter()
+            .map(|r| r.result.as_ref().unwrap_err())
+            .collect();
+        assert_eq!(bad.len(), 5);
+        assert_eq!(bad[0].line, 2);
+        assert!(bad[0].reason.contains("expected 6 fields, found 5"));
+        assert_eq!(bad[0].raw, format!("{ID},1,view,2,3.00"));
+        assert!(bad[1].reason.contains("not a UUID"));
+        assert!(bad[2].reason.contains("user_id"));
+        assert!(bad[3].reason.contains("price"));
+        assert!(bad[4].reason.contains("event_time"));
+        assert_eq!(bad[4].line, 6);
+    }
+
+    #[test]
+    fn non_utf8_is_reported() {
+        let mut bytes = format!("{ID},1,vi").into_bytes();
+        bytes.push(0xff);
+        bytes.extend_from_slice(b"ew,2,3.00,2026-01-05T00:00:00Z\n");
+        let mut parser = FileParser::default();
+        let mut rows = Vec::new();
+        parser.parse(&bytes, 1, false, |p| rows.push(p));
+        assert!(rows[0]
+            .result
+            .as_ref()
+            .unwrap_err()
+            .reason
+            .contains("UTF-8"));
+    }
+
+    #[test]
+    fn incomplete_last_line_is_left_for_later() {
+        let full = format!("{ID},1,view,2,3.00,2026-01-05T00:00:00Z\n");
+        let text = format!("{full}{ID},1,vi");
+        let (rows, used) = parse_all(&text, false);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(used, full.len());
+        let (rows, used) = parse_all(&text, true);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(used, text.len());
+    }
+
+    #[test]
+    fn quoted_fields_may_hold_commas_and_newlines() {
+        let text = format!("{ID},1,\"add,to\ncart\",2,3.00,2026-01-05T00:00:00Z\n");
+        let (rows, used) = parse_all(&text, false);
+        assert_eq!(used, text.len());
+        assert_eq!(rows[0].result.as_ref().unwrap().event_type, "add,to\ncart");
+        assert_eq!(rows[0].lines, 2);
+        // An open quote at the end of what has been written so far waits.
+        let open = format!("{ID},1,\"add,to\n");
+        let (rows, used) = parse_all(&open, false);
+        assert!(rows.is_empty());
+        assert_eq!(used, 0);
+    }
+
+    #[test]
+    fn crlf_and_bom_are_accepted() {
+        let text = format!("\u{feff}event_id,user_id,event_type,product_id,price,event_time\r\n{ID},1,view,2,3.00,2026-01-05T00:00:00Z\r\n");
+        let (rows, used) = parse_all(&text, false);
+        assert_eq!(used, text.len());
+        assert_eq!(rows.len(), 1);
+        assert!(rows[0].result.is_ok());
+    }
+
+    #[test]
+    fn prices_are_exact_cents() {
+        assert_eq!(parse_price_cents("99.99"), Ok(9999));
+        assert_eq!(parse_price_cents("5"), Ok(500));
+        assert_eq!(parse_price_cents("0.5"), Ok(50));
+        assert_eq!(parse_price_cents("-1.25"), Ok(-125));
+        assert_eq!(parse_price_cents("1.50000"), Ok(150));
+        assert!(parse_price_cents("1.234").is_err());
+        assert!(parse_price_cents("1e3").is_err());
+        assert!(parse_price_cents("").is_err());
+        assert!(parse_price_cents(".").is_err());
+    }
+
+    #[test]
+    fn timestamps_with_and_without_zone() {
+        let z = parse_time_micros("2026-01-05T14:47:56.000Z").unwrap();
+        assert_eq!(parse_time_micros("2026-01-05T15:47:56+01:00"), Ok(z));
+        assert_eq!(parse_time_micros("2026-01-05T14:47:56"), Ok(z));
+        assert_eq!(parse_time_micros("2026-01-05 14:47:56.000"), Ok(z));
+        assert_eq!(
+            parse_time_micros("2026-01-05T14:47:56.123456Z"),
+            Ok(z + 123_456)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn chunking_does_not_change_what_is_parsed(cuts in proptest::collection::vec(0usize..400, 0..6)) {
+            let mut text = String::from("event_id,user_id,event_type,product_id,price,event_time\n");
+            for i in 0..6 {
+                text.push_str(&format!("{ID},{i},\"a,{i}\",2,3.00,2026-01-05T00:00:00Z\n"));
+                if i == 3 { text.push_str("garbage line\n"); }
+            }
+            let bytes = text.as_bytes();
+            let (whole, _) = parse_all(&text, true);
+            // Feed the same text in pieces cut at arbitrary points, the way a
+            // growing file is read: results and positions must not change.
+            let mut parser = FileParser::default();
+            let mut pieces = Vec::new();
+            let mut start = 0;
+            let mut line = 1;
+            let mut cuts = cuts.clone();
+            cuts.sort();
+            for cut in cuts.into_iter().chain([bytes.len()]) {
+                let cut = cut.min(bytes.len()).max(start);
+                let is_final = cut == bytes.len();
+                let (used, lines_here) = parser.parse(&bytes[start..cut], line, is_final, |p| {
+                    pieces.push((p.result, start + p.end));
+                });
+                start += used;
+                line += lines_here;
+            }
+            proptest::prop_assert_eq!(start, bytes.len());
+            proptest::prop_assert_eq!(pieces.len(), whole.len());
+            for (a, b) in whole.iter().zip(&pieces) {
+                proptest::prop_assert_eq!(&a.result, &b.0);
+                proptest::prop_assert_eq!(a.end, b.1);
+            }
+        }
+    }
+}

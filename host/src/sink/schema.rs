@@ -1,0 +1,85 @@
+//! The tables: the seed's `ecommerce_events`, exactly, and the host's own
+//! bookkeeping in schema `pipeline`. Created when absent.
+
+/// The events table, as the replaced pipeline defined it.
+pub const EVENTS_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS ecommerce_events (
+    event_id VARCHAR(36) PRIMARY KEY,
+    user_id INT NOT NULL,
+    event_type VARCHAR(20) NOT NULL,
+    product_id INT NOT NULL,
+    price NUMERIC(10,2) NOT NULL,
+    event_time TIMESTAMP NOT NULL
+)";
+
+pub const PIPELINE_SCHEMA: &str = "
+CREATE SCHEMA IF NOT EXISTS pipeline;
+
+-- How far each input file has been consumed, committed with its rows.
+CREATE TABLE IF NOT EXISTS pipeline.positions (
+    file_key    TEXT PRIMARY KEY,   -- device:inode:birth time
+    path        TEXT NOT NULL,
+    byte_offset BIGINT NOT NULL,
+    line        BIGINT NOT NULL,
+    batch_id    BIGINT NOT NULL,
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- One row per committed batch, naming the stage versions that made it.
+CREATE TABLE IF NOT EXISTS pipeline.batches (
+    batch_id         BIGSERIAL PRIMARY KEY,
+    batch_uuid       UUID NOT NULL UNIQUE,
+    committed_at     TIMESTAMPTZ NOT NULL DEFAULT now(),
+    files            TEXT[] NOT NULL,
+    rows_in          INT NOT NULL,
+    rows_written     INT NOT NULL,
+    rows_conflicting INT NOT NULL,
+    rows_malformed   INT NOT NULL,
+    rows_rejected    INT NOT NULL,
+    rows_failed      INT NOT NULL,
+    rows_dropped     INT NOT NULL,
+    stages           JSONB NOT NULL,  -- [{name, version, hash, ms, in, out, rejected, failed}]
+    latency_ms       DOUBLE PRECISION NOT NULL
+);
+
+-- Records that did not reach the table, with why.
+CREATE TABLE IF NOT EXISTS pipeline.quarantine (
+    id          BIGSERIAL PRIMARY KEY,
+    batch_id    BIGINT NOT NULL,
+    kind        TEXT NOT NULL,       -- malformed | rejected | failed
+    file        TEXT,
+    line        BIGINT,
+    raw         TEXT,
+    reason      TEXT NOT NULL,
+    stage       TEXT,
+    event_id    TEXT,
+    at          TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS quarantine_batch ON pipeline.quarantine (batch_id);
+
+-- The latest committed state of each stateful stage.
+CREATE TABLE IF NOT EXISTS pipeline.stage_state (
+    stage          TEXT PRIMARY KEY,
+    version        TEXT NOT NULL,
+    component_hash TEXT NOT NULL,
+    state          BYTEA NOT NULL,
+    batch_id       BIGINT NOT NULL,
+    updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+";
+
+/// Per connection: rows land here first, then move into the table with
+/// ON CONFLICT DO NOTHING. Emptied at every commit.
+pub const STAGING_TABLE: &str = "
+CREATE TEMP TABLE IF NOT EXISTS staging (
+    event_id TEXT,
+    user_id INT,
+    event_type TEXT,
+    product_id INT,
+    price_cents BIGINT,
+    event_time TIMESTAMP
+) ON COMMIT DELETE ROWS";
+
+/// Advisory lock key held by the running host, so two hosts never write
+/// the same database's positions at once.
+pub const HOST_LOCK: i64 = 0x6563_6f6d_6d65_7263; // "ecommerc"

@@ -1,0 +1,232 @@
+//! The file source: notices complete CSV files in the input folder, reads
+//! them from their committed positions, parses them and hands records to
+//! the batcher.
+//!
+//! It runs on its own thread. It wakes on inotify events (the `notify`
+//! crate) and on a periodic rescan, the fallback for file systems whose
+//! events get lost. A file is tracked by identity (`file_key`), not by
+//! name: a new file under an old name starts from zero. Only complete
+//! records are read: a file still being written is resumed when it grows,
+//! and its unterminated last line is read only once the file has been
+//! quiet for `settle` (or at once with `--once`).
+
+mod file;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+
+use crate::batch::{Batch, Batcher, Position};
+pub use file::file_key;
+use file::Tracked;
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub input: PathBuf,
+    /// Read what is there, then stop.
+    pub once: bool,
+    /// Periodic rescan, the fallback when inotify events are missed.
+    pub rescan: Duration,
+    /// How long a file must be unchanged before an unterminated last line
+    /// is taken as complete.
+    pub settle: Duration,
+    /// Bytes read per call; grown when a single record is longer.
+    pub chunk: usize,
+}
+
+impl SourceConfig {
+    pub fn new(input: PathBuf, once: bool) -> SourceConfig {
+        SourceConfig {
+            input,
+            once,
+            rescan: Duration::from_secs(2),
+            settle: Duration::from_secs(2),
+            chunk: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("input folder {path}: {source}")]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot watch input folder {path}: {source}")]
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
+}
+
+/// Whether a directory entry is a candidate input file by its name:
+/// hidden and temporary names are how writers mark unfinished files.
+pub fn is_input_name(name: &str) -> bool {
+    !(name.starts_with('.') || name.ends_with(".tmp") || name.ends_with(".part"))
+}
+
+/// Sends closed batches downstream; blocking here is the back-pressure.
+pub(crate) struct Outlet {
+    pub batcher: Batcher,
+    tx: mpsc::Sender<Batch>,
+    closed: bool,
+}
+
+impl Outlet {
+    fn send(&mut self, batch: Option<Batch>) {
+        if let Some(batch) = batch {
+            if self.tx.blocking_send(batch).is_err() {
+                self.closed = true;
+            }
+        }
+    }
+}
+
+pub struct Source {
+    config: SourceConfig,
+    committed: HashMap<String, Position>,
+    tracked: HashMap<String, Tracked>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Source {
+    /// `committed` are the positions of the last committed batch, read at
+    /// start; files are resumed from them.
+    pub fn new(
+        config: SourceConfig,
+        committed: HashMap<String, Position>,
+        shutdown: Arc<AtomicBool>,
+    ) -> Source {
+        Source {
+            config,
+            committed,
+            tracked: HashMap::new(),
+            shutdown,
+        }
+    }
+
+    /// Runs until shutdown (or, with `once`, until every file is read),
+    /// then closes the open batch and returns.
+    pub fn run(mut self, batcher: Batcher, tx: mpsc::Sender<Batch>) -> Result<(), SourceError> {
+        let input = self.config.input.clone();
+        std::fs::create_dir_all(&input).map_err(|source| SourceError::Folder {
+            path: input.clone(),
+            source,
+        })?;
+        let (wake_tx, wake_rx) = std::sync::mpsc::channel::<()>();
+        let mut watcher = notify::recommended_watcher(move |_event| {
+            let _ = wake_tx.send(());
+        })
+        .map_err(|source| SourceError::Watch {
+            path: input.clone(),
+            source,
+        })?;
+        if !self.config.once {
+            use notify::Watcher;
+            watcher
+                .watch(&input, notify::RecursiveMode::NonRecursive)
+                .map_err(|source| SourceError::Watch {
+                    path: input.clone(),
+                    source,
+                })?;
+        }
+
+        let mut outlet = Outlet {
+            batcher,
+            tx,
+            closed: false,
+        };
+        loop {
+            let progressed = self.pass(&mut outlet)?;
+            if outlet.closed {
+                return Ok(());
+            }
+            if self.shutdown.load(Ordering::Relaxed) || (self.config.once && !progressed) {
+                let last = outlet.batcher.take();
+                outlet.send(last);
+                return Ok(());
+            }
+            if progressed {
+                let due = outlet.batcher.take_due(Instant::now());
+                outlet.send(due);
+                continue;
+            }
+            // Idle: nothing more to read right now, so commit what we have.
+            let idle = outlet.batcher.take();
+            outlet.send(idle);
+            match wake_rx.recv_timeout(self.config.rescan) {
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    tracing::warn!("file watcher stopped; relying on the periodic rescan");
+                    std::thread::sleep(self.config.rescan);
+                }
+            }
+            // Coalesce a burst of events into one pass.
+            while wake_rx.try_recv().is_ok() {}
+        }
+    }
+
+    /// One pass over the input folder: discover files, read what is new.
+    /// Returns whether anything was read.
+    fn pass(&mut self, outlet: &mut Outlet) -> Result<bool, SourceError> {
+        let files = self.list()?;
+        let mut progressed = false;
+        let mut present = Vec::with_capacity(files.len());
+        for (path, meta) in files {
+            let key = file_key(&meta);
+            present.push(key.clone());
+            let tracked = match self.tracked.get_mut(&key) {
+                Some(t) => t,
+                None => {
+                    let committed = self.committed.remove(&key);
+                    let t = Tracked::open(key.clone(), &path, committed);
+                    self.tracked.entry(key.clone()).or_insert(t)
+                }
+            };
+            tracked.path_seen(&path);
+            if self.shutdown.load(Ordering::Relaxed) || outlet.closed {
+                break;
+            }
+            match tracked.read_new(&meta, &self.config, outlet, &self.shutdown) {
+                Ok(read) => progressed |= read,
+                Err(e) => tracked.report_error(e),
+            }
+        }
+        // Forget files that are gone; their committed positions stay.
+        self.tracked.retain(|key, _| present.contains(key));
+        Ok(progressed)
+    }
+
+    /// Candidate files, oldest first (by modification time, then name).
+    fn list(&self) -> Result<Vec<(PathBuf, std::fs::Metadata)>, SourceError> {
+        let dir = &self.config.input;
+        let entries = std::fs::read_dir(dir).map_err(|source| SourceError::Folder {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut files = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !is_input_name(&name.to_string_lossy()) {
+                continue;
+            }
+            let path = entry.path();
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() => files.push((path, meta)),
+                _ => {}
+            }
+        }
+        files.sort_by_key(|(path, meta)| {
+            (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                path.clone(),
+            )
+        });
+        Ok(files)
+    }
+}

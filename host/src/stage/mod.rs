@@ -1,0 +1,66 @@
+//! Stages: sandboxed WebAssembly components that transform batches.
+//!
+//! - `bindings`: types generated from `wit/`.
+//! - `runtime`: engine, linker, compile cache, type check.
+//! - `instance`: one instance with its limits and grants.
+//! - `chain`: the ordered stages of the pipeline, failure isolation and
+//!   hot swap at batch boundaries.
+//! - `manifest`: `pipeline.toml`.
+//! - `output`: checks on what a stage returns.
+
+pub mod bindings;
+pub mod chain;
+pub mod instance;
+pub mod limits;
+pub mod manifest;
+pub mod output;
+pub mod reload;
+pub mod runtime;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use bindings::{BatchResult, Event, Rejected};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StageError {
+    #[error("wasmtime engine: {0}")]
+    Engine(String),
+    #[error("component {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("component {path} does not fit the plugin world: {message}")]
+    WrongWorld { path: PathBuf, message: String },
+    #[error("stage {stage}: init failed: {message}")]
+    Init { stage: String, message: String },
+    #[error("stage {stage}: trapped in {message}")]
+    Trap { stage: String, message: String },
+    #[error("stage {stage}: exceeded its time limit of {limit:?} for one batch")]
+    TimeLimit { stage: String, limit: Duration },
+    #[error("stage {stage}: exceeded its memory limit of {limit_bytes} bytes")]
+    MemoryLimit { stage: String, limit_bytes: usize },
+    #[error("stage {stage}: refused the batch: {message}")]
+    Refused { stage: String, message: String },
+    #[error("stage {stage}: returned invalid output: {message}")]
+    BadOutput { stage: String, message: String },
+}
+
+impl StageError {
+    fn engine(e: wasmtime::Error) -> StageError {
+        StageError::Engine(runtime::error_text(&e))
+    }
+
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StageError::Engine(_) => "engine",
+            StageError::Load { .. } => "load",
+            StageError::WrongWorld { .. } => "wrong_world",
+            StageError::Init { .. } => "init",
+            StageError::Trap { .. } => "trap",
+            StageError::TimeLimit { .. } => "time_limit",
+            StageError::MemoryLimit { .. } => "memory_limit",
+            StageError::Refused { .. } => "refused",
+            StageError::BadOutput { .. } => "bad_output",
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Loading the manifest's components, and reloading them while the
+//! pipeline runs.
+//!
+//! The watcher thread wakes on changes in the plugins folder, reads the
+//! manifest, and loads (compiles and type-checks) every component that
+//! changed, off the hot path. It then sends a complete plan to the stage
+//! thread, which applies it at the next batch boundary. A component that
+//! fails to load is rejected with a log line and a metric; its stage keeps
+//! the version it had. A file whose size or time still changes is waited
+//! for: a half-copied component is never loaded.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::chain::Prepared;
+use super::manifest::{Manifest, StageSpec};
+use super::runtime::{LoadedComponent, Runtime};
+use super::StageError;
+use crate::metrics;
+
+/// How long a component file must be unchanged before it is loaded.
+const QUIET: Duration = Duration::from_millis(300);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: SystemTime,
+}
+
+fn stamp(path: &Path) -> std::io::Result<FileStamp> {
+    let meta = std::fs::metadata(path)?;
+    Ok(FileStamp {
+        len: meta.len(),
+        modified: meta.modified()?,
+    })
+}
+
+/// Loads components, remembering what it loaded so unchanged files are
+/// not read again.
+pub struct Loader {
+    runtime: Arc<Runtime>,
+    loaded: HashMap<PathBuf, (FileStamp, Arc<LoadedComponent>)>,
+    /// Files that failed, so the same broken file is reported once.
+    failed: HashMap<PathBuf, FileStamp>,
+}
+
+impl Loader {
+    pub fn new(runtime: Arc<Runtime>) -> Loader {
+        Loader {
+            runtime,
+            loaded: HashMap::new(),
+            failed: HashMap::new(),
+        }
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Loads one component, or returns the copy loaded before if the file
+    /// has not changed.
+    pub fn load(&mut self, path: &Path) -> Result<Arc<LoadedComponent>, StageError> {
+        let before = stamp(path).map_err(|e| StageError::Load {
+            path: path.to_owned(),
+            message: format!("cannot read: {e}"),
+        })?;
+        if let Some((s, component)) = self.loaded.get(path) {
+            if *s == before {
+                return Ok(component.clone());
+            }
+        }
+        let component = Arc::new(self.runtime.load(path)?);
+        self.loaded
+            .insert(path.to_owned(), (before, component.clone()));
+        Ok(component)
+    }
+
+    /// Loads every stage of a manifest; the first failure is returned.
+    pub fn plan(&mut self, manifest: &Manifest) -> Result<Vec<Prepared>, StageError> {
+        manifest
+            .stages
+            .iter()
+            .map(|spec| {
+                Ok(Prepared {
+                    spec: Arc::new(spec.clone()),
+                    component: self.load(&spec.component)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Builds the plan for a changed manifest. A stage whose component
+    /// cannot be loaded keeps its `current` version (or is left out if it
+    /// is new). Returns `None` while a file is still being written.
+    fn replan(&mut self, manifest: &Manifest, current: &[Prepared]) -> Option<Vec<Prepared>> {
+        let mut plan = Vec::with_capacity(manifest.stages.len());
+        for spec in &manifest.stages {
+            if !quiet(&spec.component) {
+                return None;
+            }
+            match self.load(&spec.component) {
+                Ok(component) => {
+                    self.failed.remove(&spec.component);
+                    plan.push(Prepared {
+                        spec: Arc::new(spec.clone()),
+                        component,
+                    });
+                }
+                Err(e) => {
+                    self.reject(spec, &e);
+                    if let Some(old) = current.iter().find(|p| p.spec.name == spec.name) {
+                        plan.push(old.clone());
+                    }
+                }
+            }
+        }
+        Some(plan)
+    }
+
+    fn reject(&mut self, spec: &StageSpec, e: &StageError) {
+        let stamp = stamp(&spec.component).ok();
+        if stamp.is_some() && self.failed.get(&spec.component) == stamp.as_ref() {
+            return;
+        }
+        if let Some(s) = stamp {
+            self.failed.insert(spec.component.clone(), s);
+        }
+        tracing::error!(stage = %spec.name, file = %spec.component.display(), "component rejected, the stage keeps its current version: {e}");
+        metrics::global().plugin_rejected(&spec.name, e.kind());
+    }
+}
+
+/// True when the file exists and has not changed for `QUIET`.
+fn quiet(path: &Path) -> bool {
+    let Ok(first) = stamp(path) else {
+        return true; // missing: let `load` report it
+    };
+    let age = SystemTime::now()
+        .duration_since(first.modified)
+        .unwrap_or(Duration::ZERO);
+    if age >= QUIET {
+        return true;
+    }
+    std::thread::sleep(QUIET - age);
+    stamp(path).map(|s| s == first).unwrap_or(false)
+}
+
+/// Watches `plugins_dir` and sends a new plan whenever the manifest or a
+/// component it names changes. Runs until `shutdown`.
+pub fn watch(
+    mut loader: Loader,
+    plugins_dir: PathBuf,
+    mut current: Vec<Prepared>,
+    plans: mpsc::Sender<Vec<Prepared>>,
+    shutdown: Arc<AtomicBool>,
+) {
+    let (wake_tx, wake_rx) = mpsc::channel::<()>();
+    let watcher = notify::recommended_watcher(move |_event| {
+        let _ = wake_tx.send(());
+    });
+    let _watcher = match watcher {
+        Ok(mut w) => {
+            use notify::Watcher;
+            if let Err(e) = w.watch(&plugins_dir, notify::RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %plugins_dir.display(), "cannot watch the plugins folder ({e}); checking it every 2 s");
+            }
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!("cannot watch the plugins folder ({e}); checking it every 2 s");
+            None
+        }
+    };
+    let mut last_manifest_error = None;
+    while !shutdown.load(Ordering::Relaxed) {
+        match wake_rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_secs(2)),
+        }
+        // Let a burst of writes settle into one reload.
+        std::thread::sleep(Duration::from_millis(100));
+        while wake_rx.try_recv().is_ok() {}
+
+        let manifest = match Manifest::load(&plugins_dir) {
+            Ok(m) => {
+                last_manifest_error = None;
+                m
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if last_manifest_error.as_ref() != Some(&text) {
+                    tracing::error!("{text}; keeping the current stages");
+                    metrics::global().plugin_rejected("manifest", "invalid");
+                    last_manifest_error = Some(text);
+                }
+                continue;
+            }
+        };
+        let Some(plan) = loader.replan(&manifest, &current) else {
+            continue;
+        };
+        let changed = plan.len() != current.len()
+            || plan
+                .iter()
+                .zip(&current)
+                .any(|(a, b)| a.spec != b.spec || !Arc::ptr_eq(&a.component, &b.component));
+        if changed {
+            current = plan.clone();
+            if plans.send(plan).is_err() {
+                return;
+            }
+        }
+    }
+}
