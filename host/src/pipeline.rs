@@ -204,7 +204,9 @@ fn run_stages(
 ) {
     let m = metrics::global();
     let mut last_snapshot = Instant::now();
+    let mut processed_any = false;
     while let Some(batch) = batches.blocking_recv() {
+        processed_any = true;
         // Only the newest plan matters; apply it before this batch.
         if let Some(plan) = plans.try_iter().last() {
             let report = chain.apply(plan);
@@ -226,6 +228,9 @@ fn run_stages(
         }
     }
     // Input closed: commit the final state so a restart starts from it.
+    if !processed_any {
+        return;
+    }
     let snapshots = chain.snapshots();
     if !snapshots.is_empty() {
         let _ = commits.blocking_send(Commit {

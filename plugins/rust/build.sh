@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Builds the shipped Rust stages for wasm32-wasip2 and installs them into
+# the plugins folder (or the folder given as $1) by write-then-rename, so a
+# running host never loads half a file.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:-$here/..}"
+rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+cd "$here"
+cargo build --release --target wasm32-wasip2 --quiet
+target="${CARGO_TARGET_DIR:-$here/target}/wasm32-wasip2/release"
+mkdir -p "$out"
+for stage in transform dedup; do
+  cp "$target/$stage.wasm" "$out/.$stage.wasm.tmp"
+  mv "$out/.$stage.wasm.tmp" "$out/$stage.wasm"
+done

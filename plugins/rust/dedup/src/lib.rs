@@ -1,0 +1,243 @@
+//! The `dedup` stage: drops an event whose `event_id` was already seen
+//! within a window bounded by count and by event time. The seen-set is
+//! the stage's state: `snapshot`/`restore` carry it across restarts and
+//! hot swaps in a versioned binary format.
+//!
+//! Config (all optional):
+//! - `window-events`: most ids remembered, oldest forgotten first (100000)
+//! - `window-seconds`: ids whose event time is older than the newest seen
+//!   minus this are forgotten (3600)
+//!
+//! A duplicate is dropped silently: it is neither kept nor rejected. After
+//! a crash the last committed snapshot may be a few seconds stale; the
+//! table's primary key still refuses what it lets through.
+
+#[cfg(target_arch = "wasm32")]
+mod component;
+
+use std::collections::{HashMap, VecDeque};
+
+pub const MAGIC: &[u8; 4] = b"DDUP";
+pub const FORMAT_VERSION: u8 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub window_events: usize,
+    pub window_us: i64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            window_events: 100_000,
+            window_us: 3600 * 1_000_000,
+        }
+    }
+}
+
+impl Config {
+    pub fn parse(pairs: &[(String, String)]) -> Result<Config, String> {
+        let mut config = Config::default();
+        for (key, value) in pairs {
+            let number = |what: &str| -> Result<i64, String> {
+                value
+                    .trim()
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("{what} {value:?} must be a positive whole number"))
+            };
+            match key.as_str() {
+                "window-events" => config.window_events = number("window-events")? as usize,
+                "window-seconds" => config.window_us = number("window-seconds")?.saturating_mul(1_000_000),
+                other => {
+                    return Err(format!(
+                        "unknown config key {other:?} (known: window-events, window-seconds)"
+                    ))
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// The seen-set: ids with their event time, in insertion order.
+#[derive(Debug, Default)]
+pub struct Dedup {
+    pub config: Config,
+    seen: HashMap<String, i64>,
+    order: VecDeque<String>,
+    newest: i64,
+}
+
+impl Dedup {
+    pub fn new(config: Config) -> Dedup {
+        Dedup {
+            config,
+            newest: i64::MIN,
+            ..Dedup::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// True when the event is new (keep it), false for a duplicate.
+    pub fn admit(&mut self, id: &str, time: i64) -> bool {
+        if let Some(&seen_at) = self.seen.get(id) {
+            if self.newest.saturating_sub(seen_at) <= self.config.window_us {
+                return false;
+            }
+        }
+        self.newest = self.newest.max(time);
+        if self.seen.insert(id.to_owned(), time).is_none() {
+            self.order.push_back(id.to_owned());
+        }
+        self.evict();
+        true
+    }
+
+    fn evict(&mut self) {
+        let horizon = self.newest.saturating_sub(self.config.window_us);
+        while let Some(front) = self.order.front() {
+            let expired = self.seen.get(front).is_none_or(|&t| t < horizon);
+            if self.order.len() > self.config.window_events || expired {
+                if let Some(id) = self.order.pop_front() {
+                    self.seen.remove(&id);
+                }
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// MAGIC, version, newest (i64 LE), count (u32 LE), then per id:
+    /// length (u16 LE), bytes, event time (i64 LE), oldest first.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(17 + self.order.len() * 48);
+        out.extend_from_slice(MAGIC);
+        out.push(FORMAT_VERSION);
+        out.extend_from_slice(&self.newest.to_le_bytes());
+        out.extend_from_slice(&(self.order.len() as u32).to_le_bytes());
+        for id in &self.order {
+            out.extend_from_slice(&(id.len() as u16).to_le_bytes());
+            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(&self.seen.get(id).copied().unwrap_or(0).to_le_bytes());
+        }
+        out
+    }
+
+    pub fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            *self = Dedup::new(self.config.clone());
+            return Ok(());
+        }
+        if state.len() < 17 || &state[..4] != MAGIC {
+            return Err("not a dedup snapshot (bad magic bytes)".into());
+        }
+        if state[4] != FORMAT_VERSION {
+            return Err(format!(
+                "dedup snapshot format version {} is not supported (this build reads version {FORMAT_VERSION})",
+                state[4]
+            ));
+        }
+        let truncated = || "dedup snapshot is truncated".to_string();
+        let newest = i64::from_le_bytes(state[5..13].try_into().map_err(|_| truncated())?);
+        let count = u32::from_le_bytes(state[13..17].try_into().map_err(|_| truncated())?) as usize;
+        let mut fresh = Dedup::new(self.config.clone());
+        let mut at = 17;
+        for _ in 0..count {
+            let len = u16::from_le_bytes(state.get(at..at + 2).ok_or_else(truncated)?.try_into().map_err(|_| truncated())?) as usize;
+            at += 2;
+            let id = std::str::from_utf8(state.get(at..at + len).ok_or_else(truncated)?)
+                .map_err(|_| "dedup snapshot holds an id that is not UTF-8".to_string())?
+                .to_owned();
+            at += len;
+            let time = i64::from_le_bytes(state.get(at..at + 8).ok_or_else(truncated)?.try_into().map_err(|_| truncated())?);
+            at += 8;
+            if fresh.seen.insert(id.clone(), time).is_none() {
+                fresh.order.push_back(id);
+            }
+        }
+        if at != state.len() {
+            return Err("dedup snapshot has trailing bytes".into());
+        }
+        fresh.newest = newest;
+        // The window may have shrunk since the snapshot was taken.
+        fresh.evict();
+        *self = fresh;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_repeats_within_a_batch_and_across() {
+        let mut d = Dedup::new(Config::default());
+        assert!(d.admit("a", 1));
+        assert!(!d.admit("a", 1));
+        assert!(d.admit("b", 2));
+        assert!(!d.admit("a", 3));
+    }
+
+    #[test]
+    fn count_window_forgets_oldest_first() {
+        let mut d = Dedup::new(Config { window_events: 2, window_us: i64::MAX });
+        assert!(d.admit("a", 1));
+        assert!(d.admit("b", 2));
+        assert!(d.admit("c", 3));
+        assert_eq!(d.len(), 2);
+        assert!(d.admit("a", 4), "a was evicted");
+        assert!(!d.admit("c", 5));
+    }
+
+    #[test]
+    fn time_window_forgets_old_ids() {
+        let mut d = Dedup::new(Config { window_events: 100, window_us: 10 });
+        assert!(d.admit("a", 0));
+        assert!(!d.admit("a", 5));
+        assert!(d.admit("b", 100));
+        assert_eq!(d.len(), 1);
+        assert!(d.admit("a", 101));
+    }
+
+    #[test]
+    fn snapshot_round_trips_and_corruption_is_refused() {
+        let mut d = Dedup::new(Config::default());
+        for i in 0..1000 {
+            d.admit(&format!("id-{i}"), i);
+        }
+        let snap = d.snapshot();
+        let mut e = Dedup::new(Config::default());
+        e.restore(&snap).unwrap();
+        assert_eq!(e.len(), 1000);
+        assert!(!e.admit("id-500", 2000));
+        assert!(e.admit("id-new", 2000));
+
+        let mut bad = snap.clone();
+        bad[0] = b'X';
+        assert!(e.restore(&bad).unwrap_err().contains("magic"));
+        let mut newer = snap.clone();
+        newer[4] = 9;
+        assert!(e.restore(&newer).unwrap_err().contains("version 9"));
+        assert!(e.restore(&snap[..snap.len() - 3]).unwrap_err().contains("truncated"));
+        assert!(e.restore(&[]).is_ok());
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn config_is_checked() {
+        let c = Config::parse(&[("window-events".into(), "5".into()), ("window-seconds".into(), "2".into())]).unwrap();
+        assert_eq!(c, Config { window_events: 5, window_us: 2_000_000 });
+        assert!(Config::parse(&[("window-events".into(), "-1".into())]).is_err());
+        assert!(Config::parse(&[("size".into(), "1".into())]).unwrap_err().contains("size"));
+    }
+}
