@@ -200,16 +200,8 @@ impl EmbeddedPostgres {
         let mut command = Command::new(self.bin.join(tool));
         command.args(args).current_dir(&self.dir);
         if let Some((uid, gid, _)) = &self.run_as {
+            // std drops root's supplementary groups when it sets the uid.
             command.uid(*uid).gid(*gid).env("HOME", &self.dir);
-            // Drop root's supplementary groups too.
-            unsafe {
-                command.pre_exec(|| {
-                    if libc::setgroups(0, std::ptr::null()) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
         }
         let shown = format!(
             "{tool} {}",

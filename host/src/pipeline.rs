@@ -23,7 +23,7 @@ use crate::embedded::{self, EmbeddedPostgres, Tuning};
 use crate::metrics::{self, Metrics};
 use crate::sink::{self, Commit, Sink};
 use crate::source::{Source, SourceConfig};
-use crate::stage::chain::{Chain, Prepared};
+use crate::stage::chain::{Chain, Prepared, StageRun};
 use crate::stage::manifest::Manifest;
 use crate::stage::reload::{self, Loader};
 use crate::stage::runtime::Runtime;
@@ -233,9 +233,22 @@ fn run_stages(
     }
     let snapshots = chain.snapshots();
     if !snapshots.is_empty() {
+        let stages = chain
+            .versions()
+            .into_iter()
+            .map(|stage| StageRun {
+                stage,
+                elapsed: Duration::ZERO,
+                rows_in: 0,
+                rows_out: 0,
+                rejected: 0,
+                failed: 0,
+            })
+            .collect();
         let _ = commits.blocking_send(Commit {
             id: uuid::Uuid::new_v4(),
             snapshots,
+            stages,
             ..Commit::default()
         });
     }

@@ -1,0 +1,54 @@
+# Two commands matter:
+#   make run    build everything, start the generator and the pipeline
+#               (with its own embedded PostgreSQL unless DATABASE_URL is set)
+#   make test   install what the tests need, build everything, run all tests
+# Others: make build | plugins | fixtures | bench | lint
+
+SHELL := /bin/bash
+CARGO ?= cargo
+HOST := target/release/host
+
+.PHONY: run build plugins fixtures test unit lint toolchain postgres clean
+
+run: build
+	@mkdir -p data/input
+	@echo "generator: a file of 100 events every 5 s into data/input/ (Ctrl-C stops both)"
+	@trap 'kill 0' EXIT INT TERM; \
+	  $(HOST) generate --output data/input & \
+	  $(HOST) run --plugins plugins/
+
+build: toolchain plugins
+	$(CARGO) build --release -p host
+
+toolchain:
+	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
+
+plugins: toolchain
+	bash plugins/rust/build.sh
+
+fixtures: toolchain
+	bash host/tests/fixtures/plugins/build.sh
+
+# PostgreSQL: the tests use the server on 127.0.0.1:5432 when one answers,
+# start the machine's cluster when it is installed but stopped, and
+# otherwise start a private one themselves.
+postgres:
+	@if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then echo "PostgreSQL: using 127.0.0.1:5432"; \
+	elif command -v pg_ctlcluster >/dev/null && [ -n "$$(ls /etc/postgresql 2>/dev/null)" ]; then \
+	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | tail -1) main start || true; \
+	elif ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "PostgreSQL: installing the server binaries"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null; \
+	else echo "PostgreSQL: none running; the tests start their own"; fi
+
+test: build fixtures postgres
+	$(CARGO) test --release --workspace
+	cd plugins/rust && $(CARGO) test --release
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf plugins/rust/target host/tests/fixtures/plugins/target plugins/*.wasm

@@ -1,0 +1,108 @@
+//! End to end through the real binary, the real components and a real
+//! PostgreSQL: generated files in, exactly the right rows out.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn once_writes_each_valid_event_exactly_once_and_quarantines_the_rest() {
+    let dir = scratch("once");
+    let input = dir.join("input");
+    generate(
+        &input,
+        &["--files", "40", "--events-per-file", "1000", "--duplicate-rate", "0.05", "--invalid-rate", "0.01", "--seed", "7"],
+    );
+    let url = fresh_db("once");
+    let out = run_once(&plugins_dir(), &input, &url, &dir.join("state"), &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("done:"), "{stdout}");
+
+    let expected = expected(&input);
+    assert!(expected.rows.len() > 35_000, "the generator wrote {} valid events", expected.rows.len());
+    let actual = table(&url);
+    assert_eq!(actual.len(), expected.rows.len(), "one row per distinct valid event id");
+    for (id, row) in &expected.rows {
+        assert_eq!(actual.get(id), Some(row), "event {id}");
+    }
+
+    let quarantined = count(&url, "SELECT count(*) FROM pipeline.quarantine WHERE kind = 'malformed'");
+    assert_eq!(quarantined as usize, expected.malformed);
+    assert_eq!(count(&url, "SELECT count(*) FROM pipeline.quarantine WHERE reason = '' OR raw IS NULL OR line IS NULL OR file IS NULL"), 0);
+    // Every batch names both stage versions that processed it.
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM pipeline.batches WHERE jsonb_array_length(stages) <> 2"),
+        0
+    );
+
+    // A second run finds nothing new.
+    let batches = count(&url, "SELECT count(*) FROM pipeline.batches");
+    run_once(&plugins_dir(), &input, &url, &dir.join("state"), &[]);
+    assert_eq!(table(&url).len(), expected.rows.len());
+    assert_eq!(count(&url, "SELECT count(*) FROM pipeline.quarantine") as usize, expected.malformed);
+    assert_eq!(count(&url, "SELECT count(*) FROM pipeline.batches"), batches);
+}
+
+#[test]
+fn transform_rejections_are_quarantined_with_their_reason() {
+    let dir = scratch("rejections");
+    let input = dir.join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::write(
+        input.join("bad.csv"),
+        "event_id,user_id,event_type,product_id,price,event_time\n\
+         11111111-1111-4111-8111-111111111111,1,refund,2,3.00,2026-01-05T00:00:00Z\n\
+         22222222-2222-4222-8222-222222222222,1,view,2,-3.00,2026-01-05T00:00:00Z\n\
+         33333333-3333-4333-8333-333333333333,0,view,2,3.00,2026-01-05T00:00:00Z\n\
+         44444444-4444-4444-8444-444444444444,1,view,2,3.00,2999-01-05T00:00:00Z\n\
+         55555555-5555-4555-8555-555555555555,1,Add To Cart,2,3.00,2026-01-05T00:00:00+01:00\n\
+         66666666-6666-4666-8666-666666666666,1,view,2,3.00,2026-01-05 00:00:00\n",
+    )
+    .unwrap();
+    let url = fresh_db("rejections");
+    run_once(&plugins_dir(), &input, &url, &dir.join("state"), &[]);
+    let rows = query(&url, "SELECT event_id, event_type, event_time::text FROM ecommerce_events ORDER BY 1");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0][1].as_deref(), Some("add_to_cart"));
+    assert_eq!(rows[0][2].as_deref(), Some("2026-01-04 23:00:00"), "offsets are converted to UTC");
+    assert_eq!(rows[1][2].as_deref(), Some("2026-01-05 00:00:00"), "no zone means UTC");
+    let reasons = query(&url, "SELECT line, reason, stage FROM pipeline.quarantine WHERE kind = 'rejected' ORDER BY line");
+    let text: Vec<String> = reasons.iter().map(|r| format!("{}: {}", r[0].clone().unwrap(), r[1].clone().unwrap())).collect();
+    assert_eq!(text.len(), 4, "{text:?}");
+    assert!(text[0].starts_with("2: event_type \"refund\" is not allowed"), "{text:?}");
+    assert!(text[1].starts_with("3: price -3.00 is negative"), "{text:?}");
+    assert!(text[2].starts_with("4: user_id 0"), "{text:?}");
+    assert!(text[3].starts_with("5: event_time is"), "{text:?}");
+    assert!(reasons.iter().all(|r| r[2].as_deref() == Some("transform")));
+}
+
+#[test]
+fn embedded_default_starts_its_own_postgres() {
+    let dir = scratch("embedded");
+    // The server runs as an unprivileged user when we are root; it must
+    // reach the folder, so use the system temp folder.
+    let state = std::env::temp_dir().join(format!("pipeline-embedded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let input = dir.join("input");
+    generate(&input, &["--files", "2", "--events-per-file", "50", "--seed", "3", "--duplicate-rate", "0"]);
+    let out = host()
+        .args(["run", "--plugins", &plugins_dir().display().to_string(), "--input", &input.display().to_string(),
+            "--state-dir", &state.display().to_string(), "--metrics-addr", "off", "--once"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let url = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("embedded PostgreSQL: "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the host prints the URL of its server")
+        .to_owned();
+    assert!(stdout.contains("100 written"), "{stdout}");
+    // The host stopped its server on exit; start it again to look.
+    let server = host::embedded::EmbeddedPostgres::start(&state.join("postgres"), &Default::default()).unwrap();
+    let url = url.replace(&url.split(':').nth(2).unwrap().split('/').next().unwrap().to_string(), &server.port().to_string());
+    assert_eq!(count(&url, "SELECT count(*) FROM ecommerce_events"), 100);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&state);
+}
