@@ -268,3 +268,46 @@ pub fn table(url: &str) -> BTreeMap<String, Row> {
     })
     .collect()
 }
+
+/// The built test-fixture components (built once per test process).
+pub fn fixtures_dir() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = repo().join("host/tests/fixtures/plugins");
+            let status = Command::new("bash").arg(dir.join("build.sh")).status().expect("run fixtures build.sh");
+            assert!(status.success(), "building the fixture components failed");
+            dir.join("out")
+        })
+        .clone()
+}
+
+/// A plugins folder for one test: the given components copied in and a
+/// manifest written.
+pub fn plugins_with(dir: &Path, components: &[(&Path, &str)], manifest: &str) -> PathBuf {
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for (from, name) in components {
+        std::fs::copy(from, plugins.join(name)).unwrap();
+    }
+    std::fs::write(plugins.join("pipeline.toml"), manifest).unwrap();
+    plugins
+}
+
+/// Writes a CSV file (header added) by write-then-rename.
+pub fn write_csv(dir: &Path, name: &str, rows: &[String]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut text = String::from("event_id,user_id,event_type,product_id,price,event_time\n");
+    for r in rows {
+        text.push_str(r);
+        text.push('\n');
+    }
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join(name)).unwrap();
+}
+
+/// A valid CSV row with a fresh id.
+pub fn row(user: i32, product: i32) -> String {
+    format!("{},{user},view,{product},9.99,2026-01-05T00:00:00Z", uuid::Uuid::new_v4())
+}
