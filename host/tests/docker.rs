@@ -18,23 +18,43 @@ fn compose_file_is_consistent() {
     }
     let pg = &compose["services"]["postgres"];
     let env = &pg["environment"];
-    assert_eq!(env["POSTGRES_DB"].as_str(), Some("${POSTGRES_DB:-ecommerce}"));
-    assert_eq!(env["POSTGRES_USER"].as_str(), Some("${POSTGRES_USER:-spark}"));
-    assert_eq!(env["POSTGRES_PASSWORD"].as_str(), Some("${POSTGRES_PASSWORD:-spark123}"));
+    assert_eq!(
+        env["POSTGRES_DB"].as_str(),
+        Some("${POSTGRES_DB:-ecommerce}")
+    );
+    assert_eq!(
+        env["POSTGRES_USER"].as_str(),
+        Some("${POSTGRES_USER:-spark}")
+    );
+    assert_eq!(
+        env["POSTGRES_PASSWORD"].as_str(),
+        Some("${POSTGRES_PASSWORD:-spark123}")
+    );
     assert!(pg["healthcheck"]["test"].is_sequence());
 
     let declared = compose["volumes"].as_mapping().unwrap();
     for (name, service) in services {
         if let Some(build) = service.get("build") {
             let context = docker.join(build["context"].as_str().unwrap());
-            assert!(context.join(build["dockerfile"].as_str().unwrap()).exists(), "{name:?}: Dockerfile");
+            assert!(
+                context.join(build["dockerfile"].as_str().unwrap()).exists(),
+                "{name:?}: Dockerfile"
+            );
         }
-        for volume in service.get("volumes").and_then(|v| v.as_sequence()).into_iter().flatten() {
+        for volume in service
+            .get("volumes")
+            .and_then(|v| v.as_sequence())
+            .into_iter()
+            .flatten()
+        {
             let source = volume.as_str().unwrap().split(':').next().unwrap();
             if source.starts_with('.') {
                 assert!(docker.join(source).exists(), "{name:?}: {source} exists");
             } else {
-                assert!(declared.contains_key(source), "{name:?}: volume {source} is declared");
+                assert!(
+                    declared.contains_key(source),
+                    "{name:?}: volume {source} is declared"
+                );
             }
         }
     }

@@ -20,11 +20,14 @@ fn start(plugins: &Path, input: &Path, url: &str, state: &Path) -> Child {
         .unwrap()
 }
 
-fn stop(mut child: Child) -> String {
+fn stop(child: Child) -> String {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "host did not exit cleanly on SIGTERM:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "host did not exit cleanly on SIGTERM:\n{stderr}"
+    );
     stderr
 }
 
@@ -38,7 +41,10 @@ fn wait_for_rows(url: &str, n: i64) {
     let started = Instant::now();
     let ready = || query(url, "SELECT to_regclass('ecommerce_events')::text")[0][0].is_some();
     while !ready() || count(url, "SELECT count(*) FROM ecommerce_events") < n {
-        assert!(started.elapsed() < Duration::from_secs(30), "rows did not arrive");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "rows did not arrive"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -54,8 +60,15 @@ fn sha256(path: &Path) -> String {
 #[test]
 fn swapping_versions_mid_stream_marks_every_row_by_exactly_one_version() {
     let dir = scratch("swap");
-    let (v1, v2) = (fixtures_dir().join("marker_v1.wasm"), fixtures_dir().join("marker_v2.wasm"));
-    let plugins = plugins_with(&dir, &[(&v1, "marker.wasm")], "[[stage]]\nname = \"marker\"\ncomponent = \"marker.wasm\"\n");
+    let (v1, v2) = (
+        fixtures_dir().join("marker_v1.wasm"),
+        fixtures_dir().join("marker_v2.wasm"),
+    );
+    let plugins = plugins_with(
+        &dir,
+        &[(&v1, "marker.wasm")],
+        "[[stage]]\nname = \"marker\"\ncomponent = \"marker.wasm\"\n",
+    );
     let input = dir.join("input");
     std::fs::create_dir_all(&input).unwrap();
     let url = fresh_db("swap");
@@ -66,26 +79,52 @@ fn swapping_versions_mid_stream_marks_every_row_by_exactly_one_version() {
         let rows: Vec<String> = (0..200).map(|_| row(1, 1)).collect();
         write_csv(&input, &format!("f{round}.csv"), &rows);
         wait_for_rows(&url, 200 * (round + 1) as i64 / 2);
-        install(if round % 2 == 0 { &v2 } else { &v1 }, &plugins, "marker.wasm");
+        install(
+            if round % 2 == 0 { &v2 } else { &v1 },
+            &plugins,
+            "marker.wasm",
+        );
         std::thread::sleep(Duration::from_millis(700));
     }
-    write_csv(&input, "last.csv", &(0..200).map(|_| row(1, 1)).collect::<Vec<_>>());
+    write_csv(
+        &input,
+        "last.csv",
+        &(0..200).map(|_| row(1, 1)).collect::<Vec<_>>(),
+    );
     wait_for_rows(&url, 200 * (rounds + 1) as i64);
     let log = stop(child);
 
     let total = 200 * (rounds + 1) as i64;
     assert_eq!(count(&url, "SELECT count(*) FROM ecommerce_events"), total);
-    let v1_rows = count(&url, "SELECT count(*) FROM ecommerce_events WHERE event_type = 'view_v1'");
-    let v2_rows = count(&url, "SELECT count(*) FROM ecommerce_events WHERE event_type = 'view_v2'");
-    assert_eq!(v1_rows + v2_rows, total, "every row marked by exactly one version");
-    assert!(v1_rows > 0 && v2_rows > 0, "both versions ran: v1 {v1_rows}, v2 {v2_rows}\n{log}");
+    let v1_rows = count(
+        &url,
+        "SELECT count(*) FROM ecommerce_events WHERE event_type = 'view_v1'",
+    );
+    let v2_rows = count(
+        &url,
+        "SELECT count(*) FROM ecommerce_events WHERE event_type = 'view_v2'",
+    );
+    assert_eq!(
+        v1_rows + v2_rows,
+        total,
+        "every row marked by exactly one version"
+    );
+    assert!(
+        v1_rows > 0 && v2_rows > 0,
+        "both versions ran: v1 {v1_rows}, v2 {v2_rows}\n{log}"
+    );
     for (path, rows) in [(&v1, v1_rows), (&v2, v2_rows)] {
         let hash = sha256(path);
         let written = count(
             &url,
             &format!("SELECT coalesce(sum(rows_written), 0) FROM pipeline.batches WHERE stages->0->>'hash' = '{hash}'"),
         );
-        assert_eq!(written, rows, "batch records agree with the marks for {}", path.display());
+        assert_eq!(
+            written,
+            rows,
+            "batch records agree with the marks for {}",
+            path.display()
+        );
     }
     assert!(log.contains("stage version swapped in"), "{log}");
 }
@@ -94,7 +133,9 @@ fn swapping_versions_mid_stream_marks_every_row_by_exactly_one_version() {
 fn dedup_state_survives_a_swap() {
     let dir = scratch("dedup-swap");
     let dedup = plugins_dir().join("dedup.wasm");
-    let manifest = |window: u32| format!("[[stage]]\nname = \"dedup\"\ncomponent = \"dedup.wasm\"\n[stage.config]\nwindow-events = \"{window}\"\n");
+    let manifest = |window: u32| {
+        format!("[[stage]]\nname = \"dedup\"\ncomponent = \"dedup.wasm\"\n[stage.config]\nwindow-events = \"{window}\"\n")
+    };
     let plugins = plugins_with(&dir, &[(&dedup, "dedup.wasm")], &manifest(100_000));
     let input = dir.join("input");
     std::fs::create_dir_all(&input).unwrap();
@@ -115,8 +156,22 @@ fn dedup_state_survives_a_swap() {
     let log = stop(child);
 
     assert_eq!(count(&url, "SELECT count(*) FROM ecommerce_events"), 30);
-    assert_eq!(count(&url, "SELECT coalesce(sum(rows_dropped), 0) FROM pipeline.batches"), 1, "dedup dropped the repeat\n{log}");
-    assert_eq!(count(&url, "SELECT coalesce(sum(rows_conflicting), 0) FROM pipeline.batches"), 0, "not left to the primary key");
+    assert_eq!(
+        count(
+            &url,
+            "SELECT coalesce(sum(rows_dropped), 0) FROM pipeline.batches"
+        ),
+        1,
+        "dedup dropped the repeat\n{log}"
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT coalesce(sum(rows_conflicting), 0) FROM pipeline.batches"
+        ),
+        0,
+        "not left to the primary key"
+    );
     assert!(log.contains("stage version swapped in"), "{log}");
 }
 
@@ -124,13 +179,21 @@ fn dedup_state_survives_a_swap() {
 fn a_broken_component_is_rejected_and_the_old_version_keeps_running() {
     let dir = scratch("reject");
     let v1 = fixtures_dir().join("marker_v1.wasm");
-    let plugins = plugins_with(&dir, &[(&v1, "marker.wasm")], "[[stage]]\nname = \"marker\"\ncomponent = \"marker.wasm\"\n");
+    let plugins = plugins_with(
+        &dir,
+        &[(&v1, "marker.wasm")],
+        "[[stage]]\nname = \"marker\"\ncomponent = \"marker.wasm\"\n",
+    );
     let input = dir.join("input");
     std::fs::create_dir_all(&input).unwrap();
     let url = fresh_db("reject");
     let child = start(&plugins, &input, &url, &dir.join("state"));
 
-    write_csv(&input, "a.csv", &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>());
+    write_csv(
+        &input,
+        "a.csv",
+        &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>(),
+    );
     wait_for_rows(&url, 10);
     // Garbage, then a component of the wrong world, then one that fails every batch.
     let garbage = dir.join("garbage.wasm");
@@ -139,31 +202,72 @@ fn a_broken_component_is_rejected_and_the_old_version_keeps_running() {
     for (i, bad) in faulty_plugins.iter().enumerate() {
         install(bad, &plugins, "marker.wasm");
         std::thread::sleep(Duration::from_millis(800));
-        write_csv(&input, &format!("b{i}.csv"), &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>());
+        write_csv(
+            &input,
+            &format!("b{i}.csv"),
+            &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>(),
+        );
         wait_for_rows(&url, 20 + 10 * i as i64);
     }
     // A component that fails its first batch is rolled back.
-    std::fs::copy(fixtures_dir().join("faulty.wasm"), plugins.join("faulty.wasm")).unwrap();
+    std::fs::copy(
+        fixtures_dir().join("faulty.wasm"),
+        plugins.join("faulty.wasm"),
+    )
+    .unwrap();
     std::fs::write(
         plugins.join("pipeline.toml"),
         "[[stage]]\nname = \"marker\"\ncomponent = \"faulty.wasm\"\n[stage.config]\nmode = \"fail\"\n",
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    write_csv(&input, "c.csv", &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>());
+    write_csv(
+        &input,
+        "c.csv",
+        &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>(),
+    );
     wait_for_rows(&url, 40);
     // Fixing the file is picked up.
-    install(&fixtures_dir().join("marker_v2.wasm"), &plugins, "marker.wasm");
-    std::fs::write(plugins.join("pipeline.toml"), "[[stage]]\nname = \"marker\"\ncomponent = \"marker.wasm\"\n").unwrap();
+    install(
+        &fixtures_dir().join("marker_v2.wasm"),
+        &plugins,
+        "marker.wasm",
+    );
+    std::fs::write(
+        plugins.join("pipeline.toml"),
+        "[[stage]]\nname = \"marker\"\ncomponent = \"marker.wasm\"\n",
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    write_csv(&input, "d.csv", &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>());
+    write_csv(
+        &input,
+        "d.csv",
+        &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>(),
+    );
     wait_for_rows(&url, 50);
     let log = stop(child);
 
-    assert_eq!(count(&url, "SELECT count(*) FROM ecommerce_events WHERE event_type = 'view_v1'"), 40, "{log}");
-    assert_eq!(count(&url, "SELECT count(*) FROM ecommerce_events WHERE event_type = 'view_v2'"), 10, "{log}");
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM ecommerce_events WHERE event_type = 'view_v1'"
+        ),
+        40,
+        "{log}"
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM ecommerce_events WHERE event_type = 'view_v2'"
+        ),
+        10,
+        "{log}"
+    );
     assert_eq!(count(&url, "SELECT count(*) FROM pipeline.quarantine"), 0);
     assert!(log.contains("not a valid WebAssembly component"), "{log}");
-    assert!(log.contains("does not export the `stage` interface"), "{log}");
+    assert!(
+        log.contains("does not export the `stage` interface"),
+        "{log}"
+    );
     assert!(log.contains("failed its first batch"), "{log}");
 }

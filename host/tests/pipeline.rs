@@ -11,7 +11,18 @@ fn once_writes_each_valid_event_exactly_once_and_quarantines_the_rest() {
     let input = dir.join("input");
     generate(
         &input,
-        &["--files", "40", "--events-per-file", "1000", "--duplicate-rate", "0.05", "--invalid-rate", "0.01", "--seed", "7"],
+        &[
+            "--files",
+            "40",
+            "--events-per-file",
+            "1000",
+            "--duplicate-rate",
+            "0.05",
+            "--invalid-rate",
+            "0.01",
+            "--seed",
+            "7",
+        ],
     );
     let url = fresh_db("once");
     let out = run_once(&plugins_dir(), &input, &url, &dir.join("state"), &[]);
@@ -19,19 +30,33 @@ fn once_writes_each_valid_event_exactly_once_and_quarantines_the_rest() {
     assert!(stdout.contains("done:"), "{stdout}");
 
     let expected = expected(&input);
-    assert!(expected.rows.len() > 35_000, "the generator wrote {} valid events", expected.rows.len());
+    assert!(
+        expected.rows.len() > 35_000,
+        "the generator wrote {} valid events",
+        expected.rows.len()
+    );
     let actual = table(&url);
-    assert_eq!(actual.len(), expected.rows.len(), "one row per distinct valid event id");
+    assert_eq!(
+        actual.len(),
+        expected.rows.len(),
+        "one row per distinct valid event id"
+    );
     for (id, row) in &expected.rows {
         assert_eq!(actual.get(id), Some(row), "event {id}");
     }
 
-    let quarantined = count(&url, "SELECT count(*) FROM pipeline.quarantine WHERE kind = 'malformed'");
+    let quarantined = count(
+        &url,
+        "SELECT count(*) FROM pipeline.quarantine WHERE kind = 'malformed'",
+    );
     assert_eq!(quarantined as usize, expected.malformed);
     assert_eq!(count(&url, "SELECT count(*) FROM pipeline.quarantine WHERE reason = '' OR raw IS NULL OR line IS NULL OR file IS NULL"), 0);
     // Every batch names both stage versions that processed it.
     assert_eq!(
-        count(&url, "SELECT count(*) FROM pipeline.batches WHERE jsonb_array_length(stages) <> 2"),
+        count(
+            &url,
+            "SELECT count(*) FROM pipeline.batches WHERE jsonb_array_length(stages) <> 2"
+        ),
         0
     );
 
@@ -39,8 +64,14 @@ fn once_writes_each_valid_event_exactly_once_and_quarantines_the_rest() {
     let batches = count(&url, "SELECT count(*) FROM pipeline.batches");
     run_once(&plugins_dir(), &input, &url, &dir.join("state"), &[]);
     assert_eq!(table(&url).len(), expected.rows.len());
-    assert_eq!(count(&url, "SELECT count(*) FROM pipeline.quarantine") as usize, expected.malformed);
-    assert_eq!(count(&url, "SELECT count(*) FROM pipeline.batches"), batches);
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM pipeline.quarantine") as usize,
+        expected.malformed
+    );
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM pipeline.batches"),
+        batches
+    );
 }
 
 #[test]
@@ -61,16 +92,39 @@ fn transform_rejections_are_quarantined_with_their_reason() {
     .unwrap();
     let url = fresh_db("rejections");
     run_once(&plugins_dir(), &input, &url, &dir.join("state"), &[]);
-    let rows = query(&url, "SELECT event_id, event_type, event_time::text FROM ecommerce_events ORDER BY 1");
+    let rows = query(
+        &url,
+        "SELECT event_id, event_type, event_time::text FROM ecommerce_events ORDER BY 1",
+    );
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0][1].as_deref(), Some("add_to_cart"));
-    assert_eq!(rows[0][2].as_deref(), Some("2026-01-04 23:00:00"), "offsets are converted to UTC");
-    assert_eq!(rows[1][2].as_deref(), Some("2026-01-05 00:00:00"), "no zone means UTC");
-    let reasons = query(&url, "SELECT line, reason, stage FROM pipeline.quarantine WHERE kind = 'rejected' ORDER BY line");
-    let text: Vec<String> = reasons.iter().map(|r| format!("{}: {}", r[0].clone().unwrap(), r[1].clone().unwrap())).collect();
+    assert_eq!(
+        rows[0][2].as_deref(),
+        Some("2026-01-04 23:00:00"),
+        "offsets are converted to UTC"
+    );
+    assert_eq!(
+        rows[1][2].as_deref(),
+        Some("2026-01-05 00:00:00"),
+        "no zone means UTC"
+    );
+    let reasons = query(
+        &url,
+        "SELECT line, reason, stage FROM pipeline.quarantine WHERE kind = 'rejected' ORDER BY line",
+    );
+    let text: Vec<String> = reasons
+        .iter()
+        .map(|r| format!("{}: {}", r[0].clone().unwrap(), r[1].clone().unwrap()))
+        .collect();
     assert_eq!(text.len(), 4, "{text:?}");
-    assert!(text[0].starts_with("2: event_type \"refund\" is not allowed"), "{text:?}");
-    assert!(text[1].starts_with("3: price -3.00 is negative"), "{text:?}");
+    assert!(
+        text[0].starts_with("2: event_type \"refund\" is not allowed"),
+        "{text:?}"
+    );
+    assert!(
+        text[1].starts_with("3: price -3.00 is negative"),
+        "{text:?}"
+    );
     assert!(text[2].starts_with("4: user_id 0"), "{text:?}");
     assert!(text[3].starts_with("5: event_time is"), "{text:?}");
     assert!(reasons.iter().all(|r| r[2].as_deref() == Some("transform")));
@@ -84,14 +138,40 @@ fn embedded_default_starts_its_own_postgres() {
     let state = std::env::temp_dir().join(format!("pipeline-embedded-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state);
     let input = dir.join("input");
-    generate(&input, &["--files", "2", "--events-per-file", "50", "--seed", "3", "--duplicate-rate", "0"]);
+    generate(
+        &input,
+        &[
+            "--files",
+            "2",
+            "--events-per-file",
+            "50",
+            "--seed",
+            "3",
+            "--duplicate-rate",
+            "0",
+        ],
+    );
     let out = host()
-        .args(["run", "--plugins", &plugins_dir().display().to_string(), "--input", &input.display().to_string(),
-            "--state-dir", &state.display().to_string(), "--metrics-addr", "off", "--once"])
+        .args([
+            "run",
+            "--plugins",
+            &plugins_dir().display().to_string(),
+            "--input",
+            &input.display().to_string(),
+            "--state-dir",
+            &state.display().to_string(),
+            "--metrics-addr",
+            "off",
+            "--once",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let url = stdout
         .lines()
         .find_map(|l| l.strip_prefix("embedded PostgreSQL: "))
@@ -100,8 +180,19 @@ fn embedded_default_starts_its_own_postgres() {
         .to_owned();
     assert!(stdout.contains("100 written"), "{stdout}");
     // The host stopped its server on exit; start it again to look.
-    let server = host::embedded::EmbeddedPostgres::start(&state.join("postgres"), &Default::default()).unwrap();
-    let url = url.replace(&url.split(':').nth(2).unwrap().split('/').next().unwrap().to_string(), &server.port().to_string());
+    let server =
+        host::embedded::EmbeddedPostgres::start(&state.join("postgres"), &Default::default())
+            .unwrap();
+    let url = url.replace(
+        &url.split(':')
+            .nth(2)
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string(),
+        &server.port().to_string(),
+    );
     assert_eq!(count(&url, "SELECT count(*) FROM ecommerce_events"), 100);
     drop(server);
     let _ = std::fs::remove_dir_all(&state);

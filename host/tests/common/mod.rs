@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 pub fn plugins_dir() -> PathBuf {
@@ -76,13 +79,25 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 /// Creates an empty database for one test and returns its URL.
 pub fn fresh_db(name: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let db = format!("t_{name}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let db = format!(
+        "t_{name}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
     let admin = admin_url();
     block_on(async {
-        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
-        client.batch_execute(&format!("DROP DATABASE IF EXISTS {db}")).await.unwrap();
-        client.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+        client
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+            .await
+            .unwrap();
+        client
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
     });
     let base = admin.rsplit_once('/').unwrap().0;
     format!("{base}/{db}")
@@ -91,14 +106,18 @@ pub fn fresh_db(name: &str) -> String {
 /// Runs a query and returns all rows as text columns.
 pub fn query(url: &str, sql: &str) -> Vec<Vec<Option<String>>> {
     block_on(async {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         let messages = client.simple_query(sql).await.unwrap();
         messages
             .into_iter()
             .filter_map(|m| match m {
                 tokio_postgres::SimpleQueryMessage::Row(row) => Some(
-                    (0..row.len()).map(|i| row.get(i).map(str::to_owned)).collect(),
+                    (0..row.len())
+                        .map(|i| row.get(i).map(str::to_owned))
+                        .collect(),
                 ),
                 _ => None,
             })
@@ -159,11 +178,21 @@ pub fn run_once(plugins: &Path, input: &Path, url: &str, state: &Path, extra: &[
 
 pub fn generate(output: &Path, args: &[&str]) {
     let out = host()
-        .args(["generate", "--output", &output.display().to_string(), "--interval", "0"])
+        .args([
+            "generate",
+            "--output",
+            &output.display().to_string(),
+            "--interval",
+            "0",
+        ])
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "generate failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// One expected row: (user_id, event_type, product_id, price text, event_time text).
@@ -208,7 +237,10 @@ fn expected_row(r: &csv::ByteRecord) -> Option<(String, Row)> {
     if r.len() != 6 {
         return None;
     }
-    let f: Vec<&str> = r.iter().map(|b| std::str::from_utf8(b).ok()).collect::<Option<_>>()?;
+    let f: Vec<&str> = r
+        .iter()
+        .map(|b| std::str::from_utf8(b).ok())
+        .collect::<Option<_>>()?;
     let id = uuid::Uuid::parse_str(f[0].trim()).ok()?.to_string();
     let user: i32 = f[1].trim().parse().ok()?;
     let product: i32 = f[3].trim().parse().ok()?;
@@ -263,7 +295,13 @@ pub fn table(url: &str) -> BTreeMap<String, Row> {
         };
         (
             s(0),
-            (s(1).parse().unwrap(), s(2), s(3).parse().unwrap(), s(4), format!("{secs}{frac}")),
+            (
+                s(1).parse().unwrap(),
+                s(2),
+                s(3).parse().unwrap(),
+                s(4),
+                format!("{secs}{frac}"),
+            ),
         )
     })
     .collect()
@@ -275,7 +313,10 @@ pub fn fixtures_dir() -> PathBuf {
     BUILT
         .get_or_init(|| {
             let dir = repo().join("host/tests/fixtures/plugins");
-            let status = Command::new("bash").arg(dir.join("build.sh")).status().expect("run fixtures build.sh");
+            let status = Command::new("bash")
+                .arg(dir.join("build.sh"))
+                .status()
+                .expect("run fixtures build.sh");
             assert!(status.success(), "building the fixture components failed");
             dir.join("out")
         })
@@ -309,5 +350,8 @@ pub fn write_csv(dir: &Path, name: &str, rows: &[String]) {
 
 /// A valid CSV row with a fresh id.
 pub fn row(user: i32, product: i32) -> String {
-    format!("{},{user},view,{product},9.99,2026-01-05T00:00:00Z", uuid::Uuid::new_v4())
+    format!(
+        "{},{user},view,{product},9.99,2026-01-05T00:00:00Z",
+        uuid::Uuid::new_v4()
+    )
 }

@@ -6,8 +6,8 @@ use crate::{Config, Dedup};
 
 wit_bindgen::generate!({ world: "plugin", path: "../../../wit" });
 
-use exports::ecommerce::pipeline::stage::Guest;
 use ecommerce::pipeline::types::{BatchResult, Event};
+use exports::ecommerce::pipeline::stage::Guest;
 
 thread_local! {
     static STATE: RefCell<Dedup> = RefCell::new(Dedup::new(Config::default()));
@@ -18,11 +18,14 @@ struct DedupStage;
 impl Guest for DedupStage {
     fn init(config: Vec<(String, String)>) -> Result<(), String> {
         let parsed = Config::parse(&config)?;
-        log(2, &format!(
-            "dedup: window of {} events and {} s of event time",
-            parsed.window_events,
-            parsed.window_us / 1_000_000
-        ));
+        log(
+            2,
+            &format!(
+                "dedup: window of {} events and {} s of event time",
+                parsed.window_events,
+                parsed.window_us / 1_000_000
+            ),
+        );
         STATE.with(|s| *s.borrow_mut() = Dedup::new(parsed));
         Ok(())
     }
@@ -34,7 +37,10 @@ impl Guest for DedupStage {
                 .into_iter()
                 .filter(|e| state.admit(&e.event_id, e.event_time))
                 .collect();
-            Ok(BatchResult { events, rejected: Vec::new() })
+            Ok(BatchResult {
+                events,
+                rejected: Vec::new(),
+            })
         })
     }
 

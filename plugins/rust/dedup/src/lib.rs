@@ -49,7 +49,9 @@ impl Config {
             };
             match key.as_str() {
                 "window-events" => config.window_events = number("window-events")? as usize,
-                "window-seconds" => config.window_us = number("window-seconds")?.saturating_mul(1_000_000),
+                "window-seconds" => {
+                    config.window_us = number("window-seconds")?.saturating_mul(1_000_000)
+                }
                 other => {
                     return Err(format!(
                         "unknown config key {other:?} (known: window-events, window-seconds)"
@@ -152,13 +154,25 @@ impl Dedup {
         let mut fresh = Dedup::new(self.config.clone());
         let mut at = 17;
         for _ in 0..count {
-            let len = u16::from_le_bytes(state.get(at..at + 2).ok_or_else(truncated)?.try_into().map_err(|_| truncated())?) as usize;
+            let len = u16::from_le_bytes(
+                state
+                    .get(at..at + 2)
+                    .ok_or_else(truncated)?
+                    .try_into()
+                    .map_err(|_| truncated())?,
+            ) as usize;
             at += 2;
             let id = std::str::from_utf8(state.get(at..at + len).ok_or_else(truncated)?)
                 .map_err(|_| "dedup snapshot holds an id that is not UTF-8".to_string())?
                 .to_owned();
             at += len;
-            let time = i64::from_le_bytes(state.get(at..at + 8).ok_or_else(truncated)?.try_into().map_err(|_| truncated())?);
+            let time = i64::from_le_bytes(
+                state
+                    .get(at..at + 8)
+                    .ok_or_else(truncated)?
+                    .try_into()
+                    .map_err(|_| truncated())?,
+            );
             at += 8;
             if fresh.seen.insert(id.clone(), time).is_none() {
                 fresh.order.push_back(id);
@@ -190,7 +204,10 @@ mod tests {
 
     #[test]
     fn count_window_forgets_oldest_first() {
-        let mut d = Dedup::new(Config { window_events: 2, window_us: i64::MAX });
+        let mut d = Dedup::new(Config {
+            window_events: 2,
+            window_us: i64::MAX,
+        });
         assert!(d.admit("a", 1));
         assert!(d.admit("b", 2));
         assert!(d.admit("c", 3));
@@ -201,7 +218,10 @@ mod tests {
 
     #[test]
     fn time_window_forgets_old_ids() {
-        let mut d = Dedup::new(Config { window_events: 100, window_us: 10 });
+        let mut d = Dedup::new(Config {
+            window_events: 100,
+            window_us: 10,
+        });
         assert!(d.admit("a", 0));
         assert!(!d.admit("a", 5));
         assert!(d.admit("b", 100));
@@ -228,16 +248,31 @@ mod tests {
         let mut newer = snap.clone();
         newer[4] = 9;
         assert!(e.restore(&newer).unwrap_err().contains("version 9"));
-        assert!(e.restore(&snap[..snap.len() - 3]).unwrap_err().contains("truncated"));
+        assert!(e
+            .restore(&snap[..snap.len() - 3])
+            .unwrap_err()
+            .contains("truncated"));
         assert!(e.restore(&[]).is_ok());
         assert!(e.is_empty());
     }
 
     #[test]
     fn config_is_checked() {
-        let c = Config::parse(&[("window-events".into(), "5".into()), ("window-seconds".into(), "2".into())]).unwrap();
-        assert_eq!(c, Config { window_events: 5, window_us: 2_000_000 });
+        let c = Config::parse(&[
+            ("window-events".into(), "5".into()),
+            ("window-seconds".into(), "2".into()),
+        ])
+        .unwrap();
+        assert_eq!(
+            c,
+            Config {
+                window_events: 5,
+                window_us: 2_000_000
+            }
+        );
         assert!(Config::parse(&[("window-events".into(), "-1".into())]).is_err());
-        assert!(Config::parse(&[("size".into(), "1".into())]).unwrap_err().contains("size"));
+        assert!(Config::parse(&[("size".into(), "1".into())])
+            .unwrap_err()
+            .contains("size"));
     }
 }

@@ -7,8 +7,8 @@ use crate::{normalise_type, rejection, Config, Fields};
 
 wit_bindgen::generate!({ world: "plugin", path: "../../../wit" });
 
-use exports::ecommerce::pipeline::stage::Guest;
 use ecommerce::pipeline::types::{BatchResult, Event, Rejected};
+use exports::ecommerce::pipeline::stage::Guest;
 
 thread_local! {
     static CONFIG: RefCell<Config> = RefCell::new(Config::default());
@@ -19,11 +19,14 @@ struct Transform;
 impl Guest for Transform {
     fn init(config: Vec<(String, String)>) -> Result<(), String> {
         let parsed = Config::parse(&config)?;
-        log(2, &format!(
-            "transform: allowed event types [{}], max future skew {} s",
-            parsed.allowed.join(", "),
-            parsed.max_future_skew_us / 1_000_000
-        ));
+        log(
+            2,
+            &format!(
+                "transform: allowed event types [{}], max future skew {} s",
+                parsed.allowed.join(", "),
+                parsed.max_future_skew_us / 1_000_000
+            ),
+        );
         CONFIG.with(|c| *c.borrow_mut() = parsed);
         Ok(())
     }
@@ -67,7 +70,10 @@ impl Guest for Transform {
         if state.is_empty() {
             Ok(())
         } else {
-            Err(format!("transform is stateless; refusing a {}-byte snapshot", state.len()))
+            Err(format!(
+                "transform is stateless; refusing a {}-byte snapshot",
+                state.len()
+            ))
         }
     }
 }

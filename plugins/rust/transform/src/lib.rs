@@ -105,7 +105,10 @@ pub struct Fields<'a> {
 /// Why an event (with its type already normalised) must be rejected.
 pub fn rejection(f: &Fields, config: &Config, now_us: i64) -> Option<String> {
     if f.event_id.is_empty() || f.event_id.len() > 36 {
-        return Some(format!("event_id {:?} must have 1 to 36 characters", f.event_id));
+        return Some(format!(
+            "event_id {:?} must have 1 to 36 characters",
+            f.event_id
+        ));
     }
     if !config.allowed.iter().any(|t| t == f.event_type) {
         return Some(format!(
@@ -141,7 +144,12 @@ pub fn rejection(f: &Fields, config: &Config, now_us: i64) -> Option<String> {
 }
 
 fn cents(c: i64) -> String {
-    format!("{}{}.{:02}", if c < 0 { "-" } else { "" }, c.unsigned_abs() / 100, c.unsigned_abs() % 100)
+    format!(
+        "{}{}.{:02}",
+        if c < 0 { "-" } else { "" },
+        c.unsigned_abs() / 100,
+        c.unsigned_abs() % 100
+    )
 }
 
 #[cfg(test)]
@@ -161,7 +169,14 @@ mod tests {
 
     #[test]
     fn normalises_spellings() {
-        for raw in ["AddToCart", "add-to-cart", " Add To Cart ", "ADD_TO_CART", "add_to_cart", "addToCart"] {
+        for raw in [
+            "AddToCart",
+            "add-to-cart",
+            " Add To Cart ",
+            "ADD_TO_CART",
+            "add_to_cart",
+            "addToCart",
+        ] {
             assert_eq!(normalise_type(raw), "add_to_cart", "{raw}");
         }
         assert_eq!(normalise_type("VIEW"), "view");
@@ -173,7 +188,9 @@ mod tests {
     fn every_rule_has_a_reason() {
         let c = Config::default();
         assert_eq!(rejection(&fields("view"), &c, 0), None);
-        assert!(rejection(&fields("refund"), &c, 0).unwrap().contains("\"refund\" is not allowed"));
+        assert!(rejection(&fields("refund"), &c, 0)
+            .unwrap()
+            .contains("\"refund\" is not allowed"));
         let mut f = fields("view");
         f.price_cents = -1;
         assert!(rejection(&f, &c, 0).unwrap().contains("negative"));
@@ -201,7 +218,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.allowed, vec!["view", "add_to_cart"]);
         assert_eq!(c.max_future_skew_us, 60_000_000);
-        assert!(Config::parse(&[("colour".into(), "red".into())]).unwrap_err().contains("colour"));
+        assert!(Config::parse(&[("colour".into(), "red".into())])
+            .unwrap_err()
+            .contains("colour"));
         assert!(Config::parse(&[("max-future-skew-seconds".into(), "soon".into())]).is_err());
     }
 }
