@@ -23,8 +23,12 @@ build: toolchain plugins
 toolchain:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
+# Rust stages, and the Python and JavaScript examples (their build scripts
+# install componentize-py and componentize-js when missing).
 plugins: toolchain
 	bash plugins/rust/build.sh
+	bash plugins/python/currency/build.sh
+	bash plugins/js/mask_users/build.sh
 
 fixtures: toolchain
 	bash host/tests/fixtures/plugins/build.sh

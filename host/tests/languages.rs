@@ -1,0 +1,100 @@
+//! One pipeline whose stages are written in three languages: Rust
+//! (transform), Python (currency conversion) and JavaScript (user-id
+//! bucketing), run by the real host and checked row by row.
+
+mod common;
+
+use common::*;
+
+fn bucket(user: i32, buckets: i64) -> i64 {
+    ((user as i64 * 2_654_435_761) % 4_294_967_296) % buckets + 1
+}
+
+#[test]
+fn rust_python_and_javascript_stages_in_one_chain() {
+    let dir = scratch("languages");
+    let built = plugins_dir();
+    for name in ["currency.wasm", "mask_users.wasm"] {
+        assert!(
+            built.join(name).exists(),
+            "{name} is built by `make plugins`"
+        );
+    }
+    let plugins = plugins_with(
+        &dir,
+        &[
+            (&built.join("transform.wasm"), "transform.wasm"),
+            (&built.join("currency.wasm"), "currency.wasm"),
+            (&built.join("mask_users.wasm"), "mask_users.wasm"),
+        ],
+        r#"
+[[stage]]
+name = "transform"
+component = "transform.wasm"
+grants = ["clock"]
+
+[[stage]]
+name = "currency"
+component = "currency.wasm"
+[stage.config]
+rates = "USD:1.0,EUR:0.92"
+target-currency = "EUR"
+
+[[stage]]
+name = "mask_users"
+component = "mask_users.wasm"
+[stage.config]
+buckets = "100"
+drop-event-types = "remove_from_cart"
+"#,
+    );
+    let input = dir.join("input");
+    generate(
+        &input,
+        &[
+            "--files",
+            "3",
+            "--events-per-file",
+            "400",
+            "--seed",
+            "5",
+            "--duplicate-rate",
+            "0",
+        ],
+    );
+    let url = fresh_db("languages");
+    run_once(&plugins, &input, &url, &dir.join("state"), &[]);
+
+    let expected = expected(&input);
+    let actual = table(&url);
+    let mut kept = 0;
+    for (id, (user, kind, product, price, time)) in &expected.rows {
+        if kind == "remove_from_cart" {
+            assert!(!actual.contains_key(id), "{id} was dropped by the JS stage");
+            continue;
+        }
+        kept += 1;
+        let (whole, cents) = price.split_once('.').unwrap();
+        let usd_cents: i64 = whole.parse::<i64>().unwrap() * 100 + cents.parse::<i64>().unwrap();
+        // EUR = USD * 0.92, rounded half to even to the cent.
+        let scaled = usd_cents * 92;
+        let (q, r) = (scaled / 100, scaled % 100);
+        let eur = if r > 50 || (r == 50 && q % 2 == 1) {
+            q + 1
+        } else {
+            q
+        };
+        let row = actual.get(id).unwrap_or_else(|| panic!("{id} missing"));
+        assert_eq!(row.0 as i64, bucket(*user, 100), "user bucket of {id}");
+        assert_eq!(&row.1, kind);
+        assert_eq!(row.2, *product);
+        assert_eq!(
+            row.3,
+            format!("{}.{:02}", eur / 100, eur % 100),
+            "price of {id}"
+        );
+        assert_eq!(&row.4, time);
+    }
+    assert_eq!(actual.len(), kept);
+    assert!(kept > 1000);
+}
