@@ -27,6 +27,46 @@ pub enum Command {
     Run(RunArgs),
     /// Write CSV files of synthetic ecommerce events (the test and demo data source).
     Generate(GenerateArgs),
+    /// Tools for plugin authors.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Run one component over a CSV sample without PostgreSQL and show, per
+    /// row, what it kept, changed, rejected or dropped.
+    Test(PluginTestArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PluginTestArgs {
+    /// The component (.wasm) to run.
+    pub component: PathBuf,
+    /// A CSV sample, in the pipeline's input format.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// A config setting handed to `init`, as KEY=VALUE (repeatable).
+    #[arg(long = "config", value_parser = key_value)]
+    pub config: Vec<(String, String)>,
+    /// A capability to grant: clock, random, stderr (repeatable).
+    #[arg(long = "grant")]
+    pub grants: Vec<String>,
+    /// Events per call.
+    #[arg(long, default_value_t = 5000)]
+    pub batch_size: usize,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Compiled-component cache; "off" disables.
+    #[arg(long, default_value = "data/cache")]
+    pub cache_dir: PathBuf,
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
 fn duration(text: &str) -> Result<Duration, String> {

@@ -15,6 +15,7 @@ pub mod generate;
 pub mod metrics;
 pub mod parse;
 pub mod pipeline;
+pub mod plugin_test;
 pub mod sink;
 pub mod source;
 pub mod stage;

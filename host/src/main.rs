@@ -6,9 +6,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 
-use host::cli::{Cli, Command};
+use host::cli::{Cli, Command, PluginCommand};
 use host::generate::{GenerateConfig, Generator};
 use host::pipeline::{self, RunConfig};
+use host::plugin_test::{self, PluginTest};
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -57,6 +58,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 totals.batches, totals.rows_in, totals.written, totals.conflicting, totals.malformed,
                 totals.rejected, totals.failed, totals.dropped
             );
+            Ok(())
+        }
+        Command::Plugin(PluginCommand::Test(args)) => {
+            plugin_test::run(PluginTest {
+                cache_dir: (args.cache_dir.as_os_str() != "off").then_some(args.cache_dir),
+                component: args.component,
+                input: args.input,
+                config: args.config,
+                grants: args.grants,
+                batch_size: args.batch_size,
+                json: args.json,
+            })?;
             Ok(())
         }
         Command::Generate(args) => {

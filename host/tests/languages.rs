@@ -98,3 +98,92 @@ drop-event-types = "remove_from_cart"
     assert_eq!(actual.len(), kept);
     assert!(kept > 1000);
 }
+
+#[test]
+fn plugin_test_shows_each_row_and_fails_on_a_bad_component() {
+    let dir = scratch("plugin-test");
+    let sample = dir.join("sample.csv");
+    std::fs::write(
+        &sample,
+        "event_id,user_id,event_type,product_id,price,event_time\n\
+         11111111-1111-4111-8111-111111111111,1,AddToCart,2,3.00,2026-01-05T00:00:00Z\n\
+         22222222-2222-4222-8222-222222222222,1,view,2,3.00,2026-01-05T00:00:00Z\n\
+         33333333-3333-4333-8333-333333333333,1,refund,2,3.00,2026-01-05T00:00:00Z\n\
+         not-a-row\n",
+    )
+    .unwrap();
+    let transform = plugins_dir().join("transform.wasm");
+    let out = host()
+        .args([
+            "plugin",
+            "test",
+            &transform.display().to_string(),
+            "--input",
+            &sample.display().to_string(),
+            "--grant",
+            "clock",
+            "--cache-dir",
+            &cache_dir().display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("changed  11111111-1111-4111-8111-111111111111  event_type: \"AddToCart\" -> \"add_to_cart\""), "{text}");
+    assert!(
+        text.contains("kept     22222222-2222-4222-8222-222222222222"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "rejected 33333333-3333-4333-8333-333333333333: event_type \"refund\" is not allowed"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("malformed line 5"), "{text}");
+    assert!(
+        text.contains("3 events: 1 kept, 1 changed, 1 rejected"),
+        "{text}"
+    );
+
+    let json = host()
+        .args([
+            "plugin",
+            "test",
+            &transform.display().to_string(),
+            "--input",
+            &sample.display().to_string(),
+            "--grant",
+            "clock",
+            "--json",
+            "--cache-dir",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&json.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.last().unwrap()["summary"]["rejected"], 1);
+
+    let wrong = host()
+        .args([
+            "plugin",
+            "test",
+            &fixtures_dir()
+                .join("wrong_world.wasm")
+                .display()
+                .to_string(),
+            "--input",
+            &sample.display().to_string(),
+            "--cache-dir",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("does not export the `stage` interface")
+    );
+}
