@@ -204,12 +204,15 @@ fn run_stages(
 ) {
     let m = metrics::global();
     let mut last_snapshot = Instant::now();
+    let mut snapshot_now = false;
     let mut processed_any = false;
     while let Some(batch) = batches.blocking_recv() {
         processed_any = true;
         // Only the newest plan matters; apply it before this batch.
         if let Some(plan) = plans.try_iter().last() {
             let report = chain.apply(plan);
+            // Commit the new versions' state with the next batch.
+            snapshot_now = true;
             for v in &report.started {
                 tracing::info!(stage = %v.name, version = %v.version, hash = &v.hash[..12], "stage version swapped in");
                 m.plugin_loaded(&v.name);
@@ -222,7 +225,11 @@ fn run_stages(
                 m.plugin_rejected(name, "start");
             }
         }
-        let commit = process(&mut chain, batch, m, &mut last_snapshot, snapshot_interval);
+        let due = std::mem::take(&mut snapshot_now) || last_snapshot.elapsed() >= snapshot_interval;
+        if due {
+            last_snapshot = Instant::now();
+        }
+        let commit = process(&mut chain, batch, m, due);
         if commits.blocking_send(commit).is_err() {
             return;
         }
@@ -254,13 +261,9 @@ fn run_stages(
     }
 }
 
-fn process(
-    chain: &mut Chain,
-    batch: Batch,
-    m: &Metrics,
-    last_snapshot: &mut Instant,
-    snapshot_interval: Duration,
-) -> Commit {
+/// Runs one batch through the chain and gathers what its commit holds;
+/// `with_snapshots` adds the stages' state.
+fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -> Commit {
     let rows_in = batch.rows();
     Metrics::add(&m.rows_read, rows_in);
     Metrics::add(&m.rows_malformed, batch.malformed.len());
@@ -296,8 +299,7 @@ fn process(
         .len()
         .saturating_sub(out.events.len() + rejections.len());
     Metrics::add(&m.rows_dropped, dropped);
-    let snapshots = if last_snapshot.elapsed() >= snapshot_interval {
-        *last_snapshot = Instant::now();
+    let snapshots = if with_snapshots {
         chain.snapshots()
     } else {
         Vec::new()

@@ -12,7 +12,7 @@
 
 mod file;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -176,10 +176,10 @@ impl Source {
     fn pass(&mut self, outlet: &mut Outlet) -> Result<bool, SourceError> {
         let files = self.list()?;
         let mut progressed = false;
-        let mut present = Vec::with_capacity(files.len());
+        let mut present = HashSet::with_capacity(files.len());
         for (path, meta) in files {
             let key = file_key(&meta);
-            present.push(key.clone());
+            present.insert(key.clone());
             let tracked = match self.tracked.get_mut(&key) {
                 Some(t) => t,
                 None => {
