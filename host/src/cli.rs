@@ -37,6 +37,20 @@ pub enum PluginCommand {
     /// Run one component over a CSV sample without PostgreSQL and show, per
     /// row, what it kept, changed, rejected or dropped.
     Test(PluginTestArgs),
+    /// Scaffold a working stage (source, build script, sample, manifest entry).
+    New(PluginNewArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PluginNewArgs {
+    /// The stage's name (a-z, 0-9, _).
+    pub name: String,
+    /// Language of the stage.
+    #[arg(long, value_enum)]
+    pub lang: crate::scaffold::Lang,
+    /// The plugins folder; the stage goes into <plugins>/<lang>/<name>/.
+    #[arg(long, default_value = "plugins")]
+    pub plugins: PathBuf,
 }
 
 #[derive(Args, Debug)]

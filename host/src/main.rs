@@ -72,6 +72,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             Ok(())
         }
+        Command::Plugin(PluginCommand::New(args)) => {
+            let dir = host::scaffold::new_stage(args.lang, &args.name, &args.plugins)?;
+            println!(
+                "created {dir}\nbuild:  bash {dir}/build.sh   (installs {plugins}/{name}.wasm)\ntry:    host plugin test {plugins}/{name}.wasm --input {dir}/sample.csv\nrun it: add {dir}/stage.toml to {plugins}/pipeline.toml",
+                dir = dir.display(),
+                plugins = args.plugins.display(),
+                name = args.name
+            );
+            Ok(())
+        }
         Command::Generate(args) => {
             for (name, rate) in [
                 ("--duplicate-rate", args.duplicate_rate),

@@ -187,3 +187,79 @@ fn plugin_test_shows_each_row_and_fails_on_a_bad_component() {
         String::from_utf8_lossy(&wrong.stderr).contains("does not export the `stage` interface")
     );
 }
+
+#[test]
+fn plugin_new_scaffolds_a_stage_that_builds_and_passes_plugin_test() {
+    let dir = scratch("plugin-new");
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    for (lang, toolchain) in [
+        ("rust", None),
+        ("python", Some("python/currency/.venv")),
+        ("js", Some("js/mask_users/node_modules")),
+    ] {
+        let name = format!("my_{lang}");
+        let out = host()
+            .args([
+                "plugin",
+                "new",
+                &name,
+                "--lang",
+                lang,
+                "--plugins",
+                &plugins.display().to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stage_dir = plugins.join(lang).join(&name);
+        // Reuse the toolchain `make plugins` installed instead of downloading it again.
+        if let Some(installed) = toolchain {
+            let from = repo().join("plugins").join(installed);
+            if from.exists() {
+                std::os::unix::fs::symlink(&from, stage_dir.join(from.file_name().unwrap()))
+                    .unwrap();
+            }
+        }
+        let build = std::process::Command::new("bash")
+            .arg(stage_dir.join("build.sh"))
+            .output()
+            .unwrap();
+        assert!(
+            build.status.success(),
+            "{lang} build: {}",
+            String::from_utf8_lossy(&build.stderr)
+        );
+        let test = host()
+            .args([
+                "plugin",
+                "test",
+                &plugins.join(format!("{name}.wasm")).display().to_string(),
+                "--input",
+                &stage_dir.join("sample.csv").display().to_string(),
+                "--cache-dir",
+                &cache_dir().display().to_string(),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&test.stdout);
+        assert!(
+            test.status.success(),
+            "{lang}: {text}\n{}",
+            String::from_utf8_lossy(&test.stderr)
+        );
+        assert!(
+            text.contains("event_type: \"Purchase\" -> \"purchase\""),
+            "{lang}: {text}"
+        );
+        assert!(
+            text.contains("rejected 6ba7b810-9dad-41d1-80b4-00c04fd430c8: negative price"),
+            "{lang}: {text}"
+        );
+        assert!(stage_dir.join("stage.toml").exists());
+    }
+}
