@@ -8,7 +8,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 HOST := target/release/host
 
-.PHONY: run build plugins fixtures test unit lint toolchain postgres clean
+.PHONY: run build plugins examples fixtures test lint toolchain postgres clean
 
 run: build
 	@mkdir -p data/input
@@ -17,17 +17,24 @@ run: build
 	  $(HOST) generate --output data/input & \
 	  $(HOST) run --plugins plugins/
 
-build: toolchain plugins
+build: plugins
 	$(CARGO) build --release -p host
 
 toolchain:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
 
-# Rust stages, and the Python and JavaScript examples (their build scripts
-# install componentize-py and componentize-js when missing).
+# The shipped Rust stages (cargo rebuilds only what changed).
 plugins: toolchain
 	bash plugins/rust/build.sh
+
+# The Python and JavaScript example stages; their build scripts install
+# componentize-py and componentize-js when missing. Rebuilt when changed.
+examples: plugins/currency.wasm plugins/mask_users.wasm
+
+plugins/currency.wasm: wit/pipeline.wit plugins/python/currency/app.py plugins/python/currency/build.sh
 	bash plugins/python/currency/build.sh
+
+plugins/mask_users.wasm: wit/pipeline.wit plugins/js/mask_users/stage.js plugins/js/mask_users/package.json plugins/js/mask_users/build.sh
 	bash plugins/js/mask_users/build.sh
 
 fixtures: toolchain
@@ -45,7 +52,7 @@ postgres:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null; \
 	else echo "PostgreSQL: none running; the tests start their own"; fi
 
-test: build fixtures postgres
+test: build examples fixtures postgres
 	$(CARGO) test --release --workspace
 	cd plugins/rust && $(CARGO) test --release
 
