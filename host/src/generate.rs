@@ -88,7 +88,15 @@ impl Generator {
             let path = self.write_file()?;
             tracing::info!(file = %path.display(), events = self.config.events_per_file, "generated");
             if self.config.files.is_none_or(|n| self.file_index < n) {
-                std::thread::sleep(self.config.interval);
+                // Sleep in steps so a stop request is honoured promptly.
+                let until = std::time::Instant::now() + self.config.interval;
+                while std::time::Instant::now() < until
+                    && !stop.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    std::thread::sleep(
+                        Duration::from_millis(50).min(until - std::time::Instant::now()),
+                    );
+                }
             }
         }
         Ok(self.file_index)

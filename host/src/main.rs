@@ -113,7 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Stops the generator between files on SIGINT/SIGTERM.
+/// Asks the generator to stop (between files) on SIGINT/SIGTERM.
 fn ctrlc_flag(flag: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
@@ -134,7 +134,5 @@ fn ctrlc_flag(flag: Arc<AtomicBool>) {
             }
         });
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
-        // A second signal should stop it at once, as usual.
-        std::process::exit(130);
     });
 }
