@@ -13,8 +13,8 @@ HOST := target/release/host
 run: build
 	@mkdir -p data/input
 	@echo "generator: a file of 100 events every 5 s into data/input/ (Ctrl-C stops both)"
-	@trap 'kill 0' EXIT INT TERM; \
-	  $(HOST) generate --output data/input & \
+	@$(HOST) generate --output data/input & gen=$$!; \
+	  trap 'kill $$gen 2>/dev/null' EXIT; \
 	  $(HOST) run --plugins plugins/
 
 build: plugins
