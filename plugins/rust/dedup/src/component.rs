@@ -1,4 +1,5 @@
-//! The WebAssembly binding of the dedup stage (see the crate docs).
+//! The WebAssembly binding of the dedup stage: exports the `stage`
+//! interface of `wit/pipeline.wit` over [`crate::Dedup`].
 
 use std::cell::RefCell;
 
@@ -9,6 +10,8 @@ wit_bindgen::generate!({ world: "plugin", path: "../../../wit" });
 use ecommerce::pipeline::types::{BatchResult, Event};
 use exports::ecommerce::pipeline::stage::Guest;
 
+// A component instance is single-threaded; a thread-local avoids the
+// `static mut` a global would otherwise need.
 thread_local! {
     static STATE: RefCell<Dedup> = RefCell::new(Dedup::new(Config::default()));
 }
@@ -18,14 +21,7 @@ struct DedupStage;
 impl Guest for DedupStage {
     fn init(config: Vec<(String, String)>) -> Result<(), String> {
         let parsed = Config::parse(&config)?;
-        log(
-            2,
-            &format!(
-                "dedup: window of {} events and {} s of event time",
-                parsed.window_events,
-                parsed.window_us / 1_000_000
-            ),
-        );
+        log(2, &parsed.describe());
         STATE.with(|s| *s.borrow_mut() = Dedup::new(parsed));
         Ok(())
     }
@@ -33,7 +29,7 @@ impl Guest for DedupStage {
     fn process(batch: Vec<Event>) -> Result<BatchResult, String> {
         STATE.with(|state| {
             let mut state = state.borrow_mut();
-            let events: Vec<Event> = batch
+            let events = batch
                 .into_iter()
                 .filter(|e| state.admit(&e.event_id, e.event_time))
                 .collect();
@@ -49,7 +45,20 @@ impl Guest for DedupStage {
     }
 
     fn restore(state: Vec<u8>) -> Result<(), String> {
-        STATE.with(|s| s.borrow_mut().restore(&state))
+        let result = STATE.with(|s| s.borrow_mut().restore(&state));
+        if result.is_ok() {
+            STATE.with(|s| {
+                log(
+                    2,
+                    &format!(
+                        "dedup: restored {} ids from a {}-byte snapshot",
+                        s.borrow().len(),
+                        state.len()
+                    ),
+                )
+            });
+        }
+        result
     }
 }
 
