@@ -16,9 +16,9 @@
 #[cfg(target_arch = "wasm32")]
 mod component;
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::rc::Rc;
 
 pub const MAGIC: &[u8; 4] = b"DDUP";
 pub const FORMAT_VERSION: u8 = 1;
@@ -120,6 +120,50 @@ impl Hasher for IdHasher {
     }
 }
 
+/// An id as a map key, stored inline when it fits: event ids are UUIDs (36
+/// bytes), and with a heap key every probe chased a pointer and every new id
+/// cost an allocation, which together made up most of the per-event time.
+/// Longer ids (transform rejects them, but dedup may run without it) go on
+/// the heap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<str>),
+}
+
+/// Makes `Key` 40 bytes, the same as an inline UUID needs anyway.
+const INLINE: usize = 38;
+
+impl Key {
+    fn new(id: &str) -> Key {
+        if id.len() <= INLINE {
+            let mut bytes = [0u8; INLINE];
+            bytes[..id.len()].copy_from_slice(id.as_bytes());
+            Key::Inline {
+                len: id.len() as u8,
+                bytes,
+            }
+        } else {
+            Key::Heap(id.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Key::Heap(id) => id.as_bytes(),
+        }
+    }
+}
+
+// By hand so only the id's bytes are hashed, in one `write`: the derived
+// impl would also hash the variant, the length and the padding.
+impl std::hash::Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write(self.as_bytes());
+    }
+}
+
 /// Where an id's live entry is, and its event time.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
@@ -127,28 +171,20 @@ struct Slot {
     time: i64,
 }
 
-/// One remembered id, in insertion order. The id is shared with the index
-/// so each remembered id costs one allocation.
-#[derive(Debug)]
-struct Entry {
-    id: Rc<str>,
-    seq: u64,
-    time: i64,
-}
-
 /// The remembered ids.
 ///
-/// `entries` is the insertion order; `index` finds an id's live entry. An
-/// id forgotten by time but not yet evicted (it is not at the front) and
-/// then seen again gets a second, newer entry; the older one is then
-/// stale, and since it is expired too it goes as soon as it reaches the
-/// front.
+/// `entries` is the insertion order; `index` finds an id's live entry by
+/// its sequence number (`evicted` + its position in `entries`). An id
+/// forgotten by time but not yet evicted (it is not at the front) and then
+/// seen again gets a second, newer entry; the older one is then stale, and
+/// since it is expired too it goes as soon as it reaches the front.
 #[derive(Debug)]
 pub struct Dedup {
     config: Config,
-    index: HashMap<Rc<str>, Slot, BuildHasherDefault<IdHasher>>,
-    entries: VecDeque<Entry>,
-    next_seq: u64,
+    index: HashMap<Key, Slot, BuildHasherDefault<IdHasher>>,
+    entries: VecDeque<(Key, i64)>,
+    /// How many entries have left the front: the sequence number of the front.
+    evicted: u64,
     /// The newest event time seen; the time window is measured back from it.
     newest: i64,
 }
@@ -159,7 +195,7 @@ impl Dedup {
             config,
             index: HashMap::default(),
             entries: VecDeque::new(),
-            next_seq: 0,
+            evicted: 0,
             newest: i64::MIN,
         }
     }
@@ -185,40 +221,48 @@ impl Dedup {
     pub fn admit(&mut self, id: &str, time: i64) -> bool {
         self.newest = self.newest.max(time);
         let horizon = self.horizon();
-        if let Some(slot) = self.index.get(id) {
-            if slot.time >= horizon {
-                return false;
+        let slot = Slot {
+            seq: self.evicted + self.entries.len() as u64,
+            time,
+        };
+        // One probe for both the look-up and the insert.
+        let key = match self.index.entry(Key::new(id)) {
+            MapEntry::Occupied(seen) if seen.get().time >= horizon => return false,
+            // An event already outside the window would be forgotten at
+            // once: remembering it would only take room from ids that count.
+            _ if time < horizon => return true,
+            MapEntry::Occupied(mut stale) => {
+                stale.insert(slot);
+                stale.key().clone()
             }
-        }
-        // An event already outside the window would be forgotten at once:
-        // remembering it would only take room from ids that count.
-        if time >= horizon {
-            self.remember(Rc::from(id), time);
-        }
+            MapEntry::Vacant(new) => {
+                let key = new.key().clone();
+                new.insert(slot);
+                key
+            }
+        };
+        self.entries.push_back((key, time));
         self.evict();
         true
-    }
-
-    fn remember(&mut self, id: Rc<str>, time: i64) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.index.insert(Rc::clone(&id), Slot { seq, time });
-        self.entries.push_back(Entry { id, seq, time });
     }
 
     fn evict(&mut self) {
         let horizon = self.horizon();
         let max_entries = self.config.window_events.saturating_mul(2);
-        while let Some(front) = self.entries.front() {
+        while let Some((_, time)) = self.entries.front() {
             let over = self.index.len() > self.config.window_events
                 // Bounds the stale entries that out-of-order times can leave.
                 || self.entries.len() > max_entries;
-            if !over && front.time >= horizon {
+            if !over && *time >= horizon {
                 break;
             }
-            let front = self.entries.pop_front().expect("front exists");
-            if self.index.get(&*front.id).is_some_and(|s| s.seq == front.seq) {
-                self.index.remove(&*front.id);
+            let (key, _) = self.entries.pop_front().expect("front exists");
+            let seq = self.evicted;
+            self.evicted += 1;
+            if let MapEntry::Occupied(live) = self.index.entry(key) {
+                if live.get().seq == seq {
+                    live.remove();
+                }
             }
         }
     }
@@ -235,8 +279,8 @@ impl Dedup {
     /// still inside the time window are written.
     pub fn snapshot(&self) -> Vec<u8> {
         let horizon = self.horizon();
-        let live = self.entries.iter().filter(|e| e.time >= horizon);
-        let bytes: usize = live.clone().map(|e| e.id.len() + 1 + 8).sum();
+        let live = self.entries.iter().filter(|(_, time)| *time >= horizon);
+        let bytes: usize = live.clone().map(|(key, _)| key.as_bytes().len() + 1 + 8).sum();
         let mut out = Vec::with_capacity(HEADER_LEN + bytes + 8);
         out.extend_from_slice(MAGIC);
         out.push(FORMAT_VERSION);
@@ -244,15 +288,16 @@ impl Dedup {
         let count_at = out.len();
         out.extend_from_slice(&0u32.to_le_bytes());
         let mut count: u32 = 0;
-        for e in live {
-            let mut len = e.id.len() as u32;
+        for (key, time) in live {
+            let id = key.as_bytes();
+            let mut len = id.len() as u32;
             while len >= 0x80 {
                 out.push((len as u8) | 0x80);
                 len >>= 7;
             }
             out.push(len as u8);
-            out.extend_from_slice(e.id.as_bytes());
-            out.extend_from_slice(&e.time.to_le_bytes());
+            out.extend_from_slice(id);
+            out.extend_from_slice(&time.to_le_bytes());
             count += 1;
         }
         out[count_at..count_at + 4].copy_from_slice(&count.to_le_bytes());
@@ -296,8 +341,10 @@ impl Dedup {
             let time = r.i64()?;
             // A writer never repeats an id; if one did, the first (older)
             // occurrence is the one a live instance would have kept.
-            if !fresh.index.contains_key(id) {
-                fresh.remember(Rc::from(id), time);
+            let seq = fresh.entries.len() as u64;
+            if let MapEntry::Vacant(new) = fresh.index.entry(Key::new(id)) {
+                fresh.entries.push_back((new.key().clone(), time));
+                new.insert(Slot { seq, time });
             }
         }
         if r.at != state.len() {
@@ -389,6 +436,13 @@ mod tests {
 
     fn uuid(i: u64) -> String {
         format!("00000000-0000-4000-8000-{i:012x}")
+    }
+
+    #[test]
+    fn a_uuid_key_is_stored_inline_in_40_bytes() {
+        assert_eq!(std::mem::size_of::<Key>(), 40);
+        assert!(matches!(Key::new(&uuid(1)), Key::Inline { .. }));
+        assert!(matches!(Key::new(&"x".repeat(39)), Key::Heap(_)));
     }
 
     #[test]
@@ -642,5 +696,39 @@ mod bench_tmp {
         let t = std::time::Instant::now();
         d.restore(&s).unwrap();
         eprintln!("restore {:?}", t.elapsed());
+    }
+}
+#[cfg(test)]
+mod bench_tmp2 {
+    use super::*;
+    use std::hash::{BuildHasher, RandomState};
+    #[test]
+    fn parts() {
+        let uuid = |i: u64| format!("{:08x}-0000-4000-8000-{i:012x}", i.wrapping_mul(2654435761) as u32);
+        let ids: Vec<String> = (0..100_000).map(uuid).collect();
+        let keys: Vec<Key> = ids.iter().map(|s| Key::new(s)).collect();
+        let b = BuildHasherDefault::<IdHasher>::default();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        for k in &keys[..5000] { x ^= b.hash_one(k); }
+        eprintln!("hash 5000 {:?} {x}", t.elapsed());
+        let hs: std::collections::HashSet<u64> = keys.iter().map(|k| b.hash_one(k)).collect();
+        eprintln!("distinct hashes {}", hs.len());
+        let low: std::collections::HashSet<u64> = keys.iter().map(|k| b.hash_one(k) & 0x1ffff).collect();
+        eprintln!("distinct low17 {}", low.len());
+        let mut m: HashMap<Key, u64, BuildHasherDefault<IdHasher>> = HashMap::default();
+        for (i, k) in keys.iter().enumerate() { m.insert(k.clone(), i as u64); }
+        let t = std::time::Instant::now();
+        let mut hits = 0;
+        for k in &keys[50_000..55_000] { hits += m.contains_key(k) as u32; }
+        eprintln!("fx lookups 5000 {:?} {hits}", t.elapsed());
+        let mut m2: HashMap<Key, u64, RandomState> = HashMap::default();
+        for (i, k) in keys.iter().enumerate() { m2.insert(k.clone(), i as u64); }
+        let t = std::time::Instant::now();
+        for k in &keys[50_000..55_000] { hits += m2.contains_key(k) as u32; }
+        eprintln!("sip lookups 5000 {:?} {hits}", t.elapsed());
+        let t = std::time::Instant::now();
+        for s in &ids[50_000..55_000] { hits += m.contains_key(&Key::new(s)) as u32; }
+        eprintln!("fx lookups from str 5000 {:?} {hits}", t.elapsed());
     }
 }
