@@ -49,6 +49,12 @@ fn wait_for_rows(url: &str, n: i64) {
     }
 }
 
+/// Writes a file of ten fresh events and waits until the table holds `total`.
+fn feed_ten(input: &Path, url: &str, name: &str, total: i64) {
+    write_csv(input, name, &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>());
+    wait_for_rows(url, total);
+}
+
 fn sha256(path: &Path) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(std::fs::read(path).unwrap())
@@ -189,12 +195,7 @@ fn a_broken_component_is_rejected_and_the_old_version_keeps_running() {
     let url = fresh_db("reject");
     let child = start(&plugins, &input, &url, &dir.join("state"));
 
-    write_csv(
-        &input,
-        "a.csv",
-        &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>(),
-    );
-    wait_for_rows(&url, 10);
+    feed_ten(&input, &url, "a.csv", 10);
     // Garbage, then a component of the wrong world, then one that fails every batch.
     let garbage = dir.join("garbage.wasm");
     std::fs::write(&garbage, b"\0asm not really").unwrap();
@@ -202,12 +203,7 @@ fn a_broken_component_is_rejected_and_the_old_version_keeps_running() {
     for (i, bad) in faulty_plugins.iter().enumerate() {
         install(bad, &plugins, "marker.wasm");
         std::thread::sleep(Duration::from_millis(800));
-        write_csv(
-            &input,
-            &format!("b{i}.csv"),
-            &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>(),
-        );
-        wait_for_rows(&url, 20 + 10 * i as i64);
+        feed_ten(&input, &url, &format!("b{i}.csv"), 20 + 10 * i as i64);
     }
     // A component that fails its first batch is rolled back.
     std::fs::copy(
@@ -221,12 +217,7 @@ fn a_broken_component_is_rejected_and_the_old_version_keeps_running() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    write_csv(
-        &input,
-        "c.csv",
-        &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>(),
-    );
-    wait_for_rows(&url, 40);
+    feed_ten(&input, &url, "c.csv", 40);
     // Fixing the file is picked up.
     install(
         &fixtures_dir().join("marker_v2.wasm"),
@@ -239,12 +230,7 @@ fn a_broken_component_is_rejected_and_the_old_version_keeps_running() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    write_csv(
-        &input,
-        "d.csv",
-        &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>(),
-    );
-    wait_for_rows(&url, 50);
+    feed_ten(&input, &url, "d.csv", 50);
     let log = stop(child);
 
     assert_eq!(
