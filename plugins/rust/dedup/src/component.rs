@@ -1,5 +1,4 @@
-//! The WebAssembly binding of the dedup stage: exports the `stage`
-//! interface of `wit/pipeline.wit` over [`crate::Dedup`].
+//! The WebAssembly binding of the dedup stage (see the crate docs).
 
 use std::cell::RefCell;
 
@@ -10,8 +9,6 @@ wit_bindgen::generate!({ world: "plugin", path: "../../../wit" });
 use ecommerce::pipeline::types::{BatchResult, Event};
 use exports::ecommerce::pipeline::stage::Guest;
 
-// A component instance is single-threaded; a thread-local avoids the
-// `static mut` a global would otherwise need.
 thread_local! {
     static STATE: RefCell<Dedup> = RefCell::new(Dedup::new(Config::default()));
 }
@@ -21,7 +18,14 @@ struct DedupStage;
 impl Guest for DedupStage {
     fn init(config: Vec<(String, String)>) -> Result<(), String> {
         let parsed = Config::parse(&config)?;
-        log(2, &parsed.describe());
+        log(
+            2,
+            &format!(
+                "dedup: window of {} events and {} s of event time",
+                parsed.window_events,
+                parsed.window_us / 1_000_000
+            ),
+        );
         STATE.with(|s| *s.borrow_mut() = Dedup::new(parsed));
         Ok(())
     }
@@ -29,7 +33,7 @@ impl Guest for DedupStage {
     fn process(batch: Vec<Event>) -> Result<BatchResult, String> {
         STATE.with(|state| {
             let mut state = state.borrow_mut();
-            let events = batch
+            let events: Vec<Event> = batch
                 .into_iter()
                 .filter(|e| state.admit(&e.event_id, e.event_time))
                 .collect();
@@ -45,20 +49,7 @@ impl Guest for DedupStage {
     }
 
     fn restore(state: Vec<u8>) -> Result<(), String> {
-        let result = STATE.with(|s| s.borrow_mut().restore(&state));
-        if result.is_ok() {
-            STATE.with(|s| {
-                log(
-                    2,
-                    &format!(
-                        "dedup: restored {} ids from a {}-byte snapshot",
-                        s.borrow().len(),
-                        state.len()
-                    ),
-                )
-            });
-        }
-        result
+        STATE.with(|s| s.borrow_mut().restore(&state))
     }
 }
 

@@ -1,6 +1,4 @@
-//! The WebAssembly binding of the transform rules: exports the `stage`
-//! interface of `wit/pipeline.wit` and maps its types onto the plain
-//! functions of the crate root.
+//! The WebAssembly binding of the transform rules (see the crate docs).
 
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,11 +7,9 @@ use crate::{normalise_type, rejection, Config, Fields};
 
 wit_bindgen::generate!({ world: "plugin", path: "../../../wit" });
 
-use exports::ecommerce::pipeline::stage::Guest;
 use ecommerce::pipeline::types::{BatchResult, Event, Rejected};
+use exports::ecommerce::pipeline::stage::Guest;
 
-// A component instance is single-threaded; a thread-local avoids the
-// `static mut` a global would otherwise need.
 thread_local! {
     static CONFIG: RefCell<Config> = RefCell::new(Config::default());
 }
@@ -23,24 +19,31 @@ struct Transform;
 impl Guest for Transform {
     fn init(config: Vec<(String, String)>) -> Result<(), String> {
         let parsed = Config::parse(&config)?;
-        log(2, &parsed.describe());
+        log(
+            2,
+            &format!(
+                "transform: allowed event types [{}], max future skew {} s",
+                parsed.allowed.join(", "),
+                parsed.max_future_skew_us / 1_000_000
+            ),
+        );
         CONFIG.with(|c| *c.borrow_mut() = parsed);
         Ok(())
     }
 
     fn process(batch: Vec<Event>) -> Result<BatchResult, String> {
-        // Read once per batch: one host call instead of one per event, and
-        // every event of a batch is judged against the same instant.
         let now_us = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
         CONFIG.with(|config| {
             let config = config.borrow();
             let mut events = Vec::with_capacity(batch.len());
             let mut rejected = Vec::new();
             for mut event in batch {
-                if let std::borrow::Cow::Owned(normal) = normalise_type(&event.event_type) {
-                    event.event_type = normal;
+                let normalised = normalise_type(&event.event_type);
+                if normalised != event.event_type {
+                    event.event_type = normalised;
                 }
                 let fields = Fields {
                     event_id: &event.event_id,
@@ -68,8 +71,7 @@ impl Guest for Transform {
             Ok(())
         } else {
             Err(format!(
-                "transform is stateless and snapshots nothing; refusing a {}-byte state \
-                 (was it taken by another stage?)",
+                "transform is stateless; refusing a {}-byte snapshot",
                 state.len()
             ))
         }
