@@ -39,8 +39,13 @@ CREATE TABLE IF NOT EXISTS pipeline.batches (
     rows_failed      INT NOT NULL,
     rows_dropped     INT NOT NULL,
     stages           JSONB NOT NULL,  -- [{name, version, hash, ms, in, out, rejected, failed}]
-    latency_ms       DOUBLE PRECISION NOT NULL
+    latency_ms       DOUBLE PRECISION NOT NULL,  -- first record read -> committed
+    read_ms          DOUBLE PRECISION NOT NULL DEFAULT 0,  -- reading and parsing its records
+    write_ms         DOUBLE PRECISION NOT NULL DEFAULT 0   -- writing its rows (COPY / INSERT)
 );
+-- Added after the first release: tables created before lack them.
+ALTER TABLE pipeline.batches ADD COLUMN IF NOT EXISTS read_ms DOUBLE PRECISION NOT NULL DEFAULT 0;
+ALTER TABLE pipeline.batches ADD COLUMN IF NOT EXISTS write_ms DOUBLE PRECISION NOT NULL DEFAULT 0;
 
 -- Records that did not reach the table, with why.
 CREATE TABLE IF NOT EXISTS pipeline.quarantine (
