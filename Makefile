@@ -8,7 +8,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 HOST := target/release/host
 
-.PHONY: run build plugins examples fixtures test lint toolchain postgres clean
+.PHONY: run build plugins examples fixtures test lint toolchain postgres clean bench
 
 run: build
 	@mkdir -p data/input
@@ -55,6 +55,10 @@ postgres:
 test: build examples fixtures postgres
 	$(CARGO) test --release --workspace
 	cd plugins/rust && $(CARGO) test --release
+
+# The benchmark: COPY ceiling vs the pipeline, latency, memory (host bench --help).
+bench: build
+	$(HOST) bench $(BENCH_ARGS)
 
 lint:
 	$(CARGO) fmt --all --check
