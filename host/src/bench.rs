@@ -49,7 +49,28 @@ pub struct BenchConfig {
     pub plugins: PathBuf,
     pub work_dir: PathBuf,
     pub latency_seconds: u64,
+    pub batch_size: Option<usize>,
     pub output: PathBuf,
+}
+
+impl BenchConfig {
+    /// `host run` with the settings every run of the benchmark shares.
+    fn host_run(&self, host: &Path, input: &Path, state: &Path, url: &str) -> Command {
+        let mut cmd = Command::new(host);
+        cmd.args(["run", "--metrics-addr", "off", "--plugins"])
+            .arg(&self.plugins)
+            .arg("--input")
+            .arg(input)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--database-url", url])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null());
+        if let Some(n) = self.batch_size {
+            cmd.args(["--batch-size", &n.to_string()]);
+        }
+        cmd
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -148,16 +169,9 @@ pub fn run(config: BenchConfig) -> anyhow::Result<Report> {
     eprintln!("pipeline: host run --once over {files} files");
     let state = config.work_dir.join("state");
     let started = Instant::now();
-    let child = Command::new(&host)
-        .args(["run", "--once", "--metrics-addr", "off", "--plugins"])
-        .arg(&config.plugins)
-        .arg("--input")
-        .arg(&input)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--database-url", &url])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
+    let child = config
+        .host_run(&host, &input, &state, &url)
+        .arg("--once")
         .spawn()
         .context("cannot start host run")?;
     let (status, peak_kb) = wait_with_peak_rss(child)?;
@@ -361,16 +375,8 @@ fn live(
     // Start-up: one file waits in the folder when the host starts.
     let first = files.next(100)?;
     let started = Instant::now();
-    let mut child = Command::new(host)
-        .args(["run", "--metrics-addr", "off", "--plugins"])
-        .arg(&config.plugins)
-        .arg("--input")
-        .arg(&input)
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--database-url", url])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
+    let mut child = config
+        .host_run(host, &input, state, url)
         .spawn()
         .context("cannot start host run")?;
     let result = runtime.block_on(async {
@@ -587,32 +593,38 @@ async fn wait_visible(client: &Client, ids: &[String], patience: Duration) -> an
 }
 
 /// Waits for the child and returns its exit status and peak RSS in KiB.
-fn wait_with_peak_rss(child: Child) -> anyhow::Result<(std::process::ExitStatus, i64)> {
-    use std::os::unix::process::ExitStatusExt;
-    let mut status = 0;
-    // SAFETY: plain FFI call; `usage` is a valid, zeroed out-parameter.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    if pid < 0 {
-        bail!(
-            "waiting for the host failed: {}",
-            std::io::Error::last_os_error()
-        );
+///
+/// The peak is the kernel's high-water mark of the child's own address
+/// space (`VmHWM`), read until it exits. Not `wait4`'s `ru_maxrss`: that
+/// also counts the copy of this process the child was forked from.
+fn wait_with_peak_rss(mut child: Child) -> anyhow::Result<(std::process::ExitStatus, i64)> {
+    let mut peak = 0.0f64;
+    loop {
+        if let Some(kb) = proc_status_kb(child.id(), "VmHWM:") {
+            peak = peak.max(kb);
+        }
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, peak as i64));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok((std::process::ExitStatus::from_raw(status), usage.ru_maxrss))
 }
 
 /// Resident memory of a process now, in MiB.
 fn rss_mb(pid: u32) -> Option<f64> {
+    proc_status_kb(pid, "VmRSS:").map(|kb| kb / 1024.0)
+}
+
+/// A `kB` field of /proc/PID/status.
+fn proc_status_kb(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
+    status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
-        .ok()?;
-    Some(kb / 1024.0)
+        .ok()
 }
 
 fn git_commit() -> String {

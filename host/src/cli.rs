@@ -68,6 +68,9 @@ pub struct BenchArgs {
     /// at 10,000 events/s); 0 skips start-up, latency and idle memory.
     #[arg(long, default_value_t = 60)]
     pub latency_seconds: u64,
+    /// Passed on to `host run --batch-size` [default: host run's].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Where the JSON result goes [default: <work-dir>/result.json].
     #[arg(long)]
     pub output: Option<PathBuf>,

@@ -95,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_else(|| args.work_dir.join("result.json")),
                 work_dir: args.work_dir,
                 latency_seconds: args.latency_seconds,
+                batch_size: args.batch_size,
             })?;
             Ok(())
         }

@@ -71,6 +71,9 @@ CREATE TABLE IF NOT EXISTS pipeline.stage_state (
     batch_id       BIGINT NOT NULL,
     updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+-- Snapshots are megabytes of ids that barely compress: without this,
+-- compressing one took ~250 ms of the batch that commits it.
+ALTER TABLE pipeline.stage_state ALTER COLUMN state SET STORAGE EXTERNAL;
 ";
 
 /// Per connection: rows land here first, then move into the table with
