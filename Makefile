@@ -2,7 +2,7 @@
 #   make run    build everything, start the generator and the pipeline
 #               (with its own embedded PostgreSQL unless DATABASE_URL is set)
 #   make test   install what the tests need, build everything, run all tests
-# Others: make build | plugins | fixtures | bench | lint
+# Others: make build | plugins | examples | fixtures | bench | bench-languages | lint
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -29,13 +29,18 @@ plugins: toolchain
 
 # The Python and JavaScript example stages; their build scripts install
 # componentize-py and componentize-js when missing. Rebuilt when changed.
-examples: plugins/currency.wasm plugins/mask_users.wasm
+# currency (Python), currency_js and currency_rust (from `plugins`) are one
+# transform in three languages, compared by the tests and benches/languages.sh.
+examples: plugins/currency.wasm plugins/mask_users.wasm plugins/currency_js.wasm
 
 plugins/currency.wasm: wit/pipeline.wit plugins/python/currency/app.py plugins/python/currency/build.sh
 	bash plugins/python/currency/build.sh
 
 plugins/mask_users.wasm: wit/pipeline.wit plugins/js/mask_users/stage.js plugins/js/mask_users/package.json plugins/js/mask_users/build.sh
 	bash plugins/js/mask_users/build.sh
+
+plugins/currency_js.wasm: wit/pipeline.wit plugins/js/currency/stage.js plugins/js/currency/package.json plugins/js/currency/build.sh
+	bash plugins/js/currency/build.sh
 
 fixtures: toolchain
 	bash host/tests/fixtures/plugins/build.sh
