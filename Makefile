@@ -8,7 +8,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 HOST := target/release/host
 
-.PHONY: run build plugins examples fixtures test lint toolchain postgres clean
+.PHONY: run build plugins examples fixtures test lint toolchain postgres clean bench-languages
 
 run: build
 	@mkdir -p data/input
@@ -60,6 +60,10 @@ postgres:
 test: build examples fixtures postgres
 	$(CARGO) test --release --workspace
 	cd plugins/rust && $(CARGO) test --release
+
+# The currency stage in Rust, Python and JavaScript over 100,000 events.
+bench-languages: build examples
+	bash benches/languages.sh
 
 lint:
 	$(CARGO) fmt --all --check
