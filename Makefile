@@ -58,6 +58,7 @@ postgres:
 	else echo "PostgreSQL: none running; the tests start their own"; fi
 
 test: build examples fixtures postgres
+	cd plugins/python/currency && python3 -m unittest -q test_app
 	$(CARGO) test --release --workspace
 	cd plugins/rust && $(CARGO) test --release
 
