@@ -3,11 +3,17 @@
 //! and runs in this 0.1.0 host, through `host plugin test` and
 //! `host run --once`; plugins built for 0.2.0 or 1.0.0 are refused with a
 //! message naming the version they target and the versions the host
-//! supports. The components are real, built from
+//! supports, at start and on a hot swap (where the old version keeps
+//! running and a later swap to the 0.1.1 plugin goes through). The
+//! components are real, built from
 //! `host/tests/fixtures/plugins/{wit_patch,wit_next}` against the WIT
 //! copies beside them (`wit-0.1.1`, `wit-0.2.0`, `wit-1.0.0`).
 
 mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -168,4 +174,79 @@ fn plugins_for_other_versions_are_refused_with_the_versions() {
         stderr.contains("targets ecommerce:pipeline@0.2.0"),
         "{stderr}"
     );
+}
+
+/// Writes a file of ten fresh events and waits until the table holds `total`.
+fn feed_ten(input: &Path, url: &str, name: &str, total: i64) {
+    write_csv(input, name, &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>());
+    let started = Instant::now();
+    let ready = || query(url, "SELECT to_regclass('ecommerce_events')::text")[0][0].is_some();
+    while !ready() || count(url, "SELECT count(*) FROM ecommerce_events") < total {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "rows did not arrive"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn install(from: &Path, plugins: &Path, name: &str) {
+    let tmp = plugins.join(format!(".{name}.tmp"));
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(tmp, plugins.join(name)).unwrap();
+    // The watcher waits for the file to settle, then loads it in the background.
+    std::thread::sleep(Duration::from_millis(800));
+}
+
+#[test]
+fn a_hot_swap_refuses_0_2_0_and_takes_0_1_1() {
+    let dir = scratch("wit-swap");
+    let plugins = plugins_with(
+        &dir,
+        &[(&fixtures_dir().join("marker_v1.wasm"), "stage.wasm")],
+        "[[stage]]\nname = \"stage\"\ncomponent = \"stage.wasm\"\n",
+    );
+    let input = dir.join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    let url = fresh_db("wit_swap");
+    let child = host()
+        .args(run_args(&plugins, &input, &url, &dir.join("state")))
+        .args(["--batch-size", "50"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    feed_ten(&input, &url, "a.csv", 10);
+    install(
+        &fixtures_dir().join("wit_0.2.0.wasm"),
+        &plugins,
+        "stage.wasm",
+    );
+    feed_ten(&input, &url, "b.csv", 20);
+    install(
+        &fixtures_dir().join("wit_0.1.1.wasm"),
+        &plugins,
+        "stage.wasm",
+    );
+    feed_ten(&input, &url, "c.csv", 30);
+
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("targets ecommerce:pipeline@0.2.0"),
+        "the refusal is logged: {log}"
+    );
+    // 0.1.0 marker for the first 20 (the 0.2.0 swap was refused), then 0.1.1.
+    let by = |sql: &str| {
+        count(
+            &url,
+            &format!("SELECT count(*) FROM ecommerce_events WHERE {sql}"),
+        )
+    };
+    assert_eq!(by("event_type = 'view_v1' AND user_id = 1"), 20, "{log}");
+    assert_eq!(by("event_type = 'view' AND user_id = 11"), 10, "{log}");
 }
