@@ -279,9 +279,11 @@ impl Runtime {
             _ => String::new(),
         };
 
-        // Imports are matched by name, semver-aware: wasmtime's `Linker`
-        // resolves `ecommerce:pipeline/types@0.1.1` to what it defines as
-        // `…@0.1.0` (`NameMap::get`, via `alternate_lookup_key`).
+        // Imports are matched by name, semver-aware (`NameMap::get`, via
+        // `alternate_lookup_key`): an import of `…/types@0.1.1` finds what
+        // the linker holds as `…@0.1.0`. `types` holds only records, which
+        // link to nothing (the type checker skips type exports); their
+        // shape is checked where they are used, in the `stage` signatures.
         let pre = self
             .linker
             .instantiate_pre(&component)
