@@ -28,7 +28,7 @@ use futures_util::SinkExt;
 use rand::RngExt;
 use serde_json::json;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::batch::{Malformed, Origin, Position};
 use crate::checkpoint::{self, Checkpoint};
@@ -80,6 +80,8 @@ pub struct Committed {
 pub struct Sink {
     url: String,
     client: Option<Client>,
+    /// Prepared on `client` when it connected.
+    statements: Option<Statements>,
     /// Batches still to send through staging after the last conflict.
     staging_for: u32,
 }
@@ -94,6 +96,7 @@ impl Sink {
         let mut sink = Sink {
             url: url.to_owned(),
             client: None,
+            statements: None,
             staging_for: 0,
         };
         let deadline = Instant::now() + patience;
@@ -143,6 +146,7 @@ impl Sink {
         if !locked {
             return Err(SinkError::Locked(schema::HOST_LOCK));
         }
+        self.statements = Some(Statements::prepare(&client).await?);
         self.client = Some(client);
         Ok(())
     }
@@ -165,6 +169,7 @@ impl Sink {
                     self.reconnect().await?;
                 }
                 let client = self.client.as_mut().ok_or(SinkError::Shutdown)?;
+                let st = self.statements.as_ref().ok_or(SinkError::Shutdown)?;
                 if uncertain {
                     // The last attempt died around COMMIT: did it land?
                     if let Some(row) = client
@@ -185,13 +190,13 @@ impl Sink {
                 }
                 if self.staging_for > 0 {
                     self.staging_for -= 1;
-                    return write(client, commit, Path::Staging).await;
+                    return write(client, st, commit, Path::Staging).await;
                 }
-                match write(client, commit, Path::Direct).await {
+                match write(client, st, commit, Path::Direct).await {
                     Err(SinkError::Db(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                         tracing::debug!(batch = %commit.id, "batch holds rows the table has; writing it through staging");
                         self.staging_for = STAGING_AFTER_CONFLICT;
-                        write(client, commit, Path::Staging).await
+                        write(client, st, commit, Path::Staging).await
                     }
                     other => other,
                 }
@@ -215,6 +220,71 @@ impl Sink {
     }
 }
 
+/// The statements of every batch, prepared once per connection: a
+/// statement sent as text is parsed and described in a round trip of its
+/// own each time, which doubled the round trips of a batch.
+struct Statements {
+    copy_direct: Statement,
+    copy_staging: Statement,
+    from_staging: Statement,
+    batch: Statement,
+    quarantine: Statement,
+    positions: Statement,
+    state: Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Statements, tokio_postgres::Error> {
+        Ok(Statements {
+            copy_direct: client
+                .prepare(
+                    "COPY ecommerce_events (event_id, user_id, event_type, product_id, price, event_time)
+                     FROM STDIN (FORMAT binary)",
+                )
+                .await?,
+            copy_staging: client
+                .prepare("COPY staging FROM STDIN (FORMAT binary)")
+                .await?,
+            from_staging: client
+                .prepare(
+                    "INSERT INTO ecommerce_events (event_id, user_id, event_type, product_id, price, event_time)
+                     SELECT event_id, user_id, event_type, product_id, price_cents::numeric / 100, event_time
+                     FROM staging ON CONFLICT (event_id) DO NOTHING",
+                )
+                .await?,
+            batch: client
+                .prepare(
+                    "INSERT INTO pipeline.batches (batch_uuid, files, rows_in, rows_written, rows_conflicting,
+                         rows_malformed, rows_rejected, rows_failed, rows_dropped, stages, latency_ms, read_ms, write_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING batch_id",
+                )
+                .await?,
+            quarantine: client
+                .prepare(
+                    "INSERT INTO pipeline.quarantine (batch_id, kind, file, line, raw, reason, stage, event_id)
+                     SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[])",
+                )
+                .await?,
+            positions: client
+                .prepare(
+                    "INSERT INTO pipeline.positions (file_key, path, byte_offset, line, batch_id)
+                     SELECT k, p, o, l, $5 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS u(k, p, o, l)
+                     ON CONFLICT (file_key) DO UPDATE SET path = excluded.path, byte_offset = excluded.byte_offset,
+                         line = excluded.line, batch_id = excluded.batch_id, updated_at = now()",
+                )
+                .await?,
+            state: client
+                .prepare(
+                    "INSERT INTO pipeline.stage_state (stage, version, component_hash, state, batch_id)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (stage) DO UPDATE SET version = excluded.version, component_hash = excluded.component_hash,
+                         state = excluded.state, batch_id = excluded.batch_id, updated_at = now()",
+                )
+                .await?,
+        })
+    }
+}
+
 /// How a batch's rows reach the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
@@ -225,38 +295,29 @@ enum Path {
 }
 
 /// One attempt: the whole batch in one transaction.
-async fn write(client: &mut Client, c: &Commit, path: Path) -> Result<Committed, SinkError> {
+async fn write(
+    client: &mut Client,
+    st: &Statements,
+    c: &Commit,
+    path: Path,
+) -> Result<Committed, SinkError> {
     let started = Instant::now();
     let tx = client.transaction().await?;
 
     let (written, conflicting) = if c.events.is_empty() {
         (0, 0)
     } else if path == Path::Direct {
-        let sink = tx
-            .copy_in(
-                "COPY ecommerce_events (event_id, user_id, event_type, product_id, price, event_time) \
-                 FROM STDIN (FORMAT binary)",
-            )
-            .await?;
+        let sink = tx.copy_in(&st.copy_direct).await?;
         futures_util::pin_mut!(sink);
         sink.send(copy::encode_events(&c.events)).await?;
         let written = sink.finish().await?;
         (written, 0)
     } else {
-        let sink = tx
-            .copy_in("COPY staging FROM STDIN (FORMAT binary)")
-            .await?;
+        let sink = tx.copy_in(&st.copy_staging).await?;
         futures_util::pin_mut!(sink);
         sink.send(copy::encode_staging(&c.events)).await?;
         sink.finish().await?;
-        let written = tx
-            .execute(
-                "INSERT INTO ecommerce_events (event_id, user_id, event_type, product_id, price, event_time)
-                 SELECT event_id, user_id, event_type, product_id, price_cents::numeric / 100, event_time
-                 FROM staging ON CONFLICT (event_id) DO NOTHING",
-                &[],
-            )
-            .await?;
+        let written = tx.execute(&st.from_staging, &[]).await?;
         (written, c.events.len() as u64 - written)
     };
 
@@ -280,9 +341,7 @@ async fn write(client: &mut Client, c: &Commit, path: Path) -> Result<Committed,
     let write_ms = started.elapsed().as_secs_f64() * 1000.0;
     let batch_id: i64 = tx
         .query_one(
-            "INSERT INTO pipeline.batches (batch_uuid, files, rows_in, rows_written, rows_conflicting,
-                 rows_malformed, rows_rejected, rows_failed, rows_dropped, stages, latency_ms, read_ms, write_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING batch_id",
+            &st.batch,
             &[
                 &c.id,
                 &files,
@@ -327,9 +386,17 @@ async fn write(client: &mut Client, c: &Commit, path: Path) -> Result<Committed,
             );
         }
         tx.execute(
-            "INSERT INTO pipeline.quarantine (batch_id, kind, file, line, raw, reason, stage, event_id)
-             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[])",
-            &[&batch_id, &q.kind, &q.file, &q.line, &q.raw, &q.reason, &q.stage, &q.event_id],
+            &st.quarantine,
+            &[
+                &batch_id,
+                &q.kind,
+                &q.file,
+                &q.line,
+                &q.raw,
+                &q.reason,
+                &q.stage,
+                &q.event_id,
+            ],
         )
         .await?;
     }
@@ -338,23 +405,20 @@ async fn write(client: &mut Client, c: &Commit, path: Path) -> Result<Committed,
         let keys: Vec<&str> = c.positions.iter().map(|p| p.key.as_str()).collect();
         let offsets: Vec<i64> = c.positions.iter().map(|p| p.offset as i64).collect();
         let lines: Vec<i64> = c.positions.iter().map(|p| p.line as i64).collect();
-        tx.execute(
-            "INSERT INTO pipeline.positions (file_key, path, byte_offset, line, batch_id)
-             SELECT k, p, o, l, $5 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS u(k, p, o, l)
-             ON CONFLICT (file_key) DO UPDATE SET path = excluded.path, byte_offset = excluded.byte_offset,
-                 line = excluded.line, batch_id = excluded.batch_id, updated_at = now()",
-            &[&keys, &files, &offsets, &lines, &batch_id],
-        )
-        .await?;
+        tx.execute(&st.positions, &[&keys, &files, &offsets, &lines, &batch_id])
+            .await?;
     }
 
     for s in &c.snapshots {
         tx.execute(
-            "INSERT INTO pipeline.stage_state (stage, version, component_hash, state, batch_id)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (stage) DO UPDATE SET version = excluded.version, component_hash = excluded.component_hash,
-                 state = excluded.state, batch_id = excluded.batch_id, updated_at = now()",
-            &[&s.stage.name, &s.stage.version, &s.stage.hash, &s.state, &batch_id],
+            &st.state,
+            &[
+                &s.stage.name,
+                &s.stage.version,
+                &s.stage.hash,
+                &s.state,
+                &batch_id,
+            ],
         )
         .await?;
     }
