@@ -93,13 +93,28 @@ impl EmbeddedPostgres {
             return Ok(pg);
         }
         pg.port = free_port()?;
-        let log = pg.dir.join("server.log");
-        let options = format!("-p {} -h 127.0.0.1 -k {}", pg.port, pg.dir.display());
-        pg.run(
+        pg.launch()?;
+        Ok(pg)
+    }
+
+    /// Starts the server again after `stop`, on the port it had, so URLs
+    /// handed out stay valid (outage tests stop and start it).
+    pub fn start_again(&mut self) -> Result<(), EmbeddedError> {
+        if self.started_here {
+            return Ok(());
+        }
+        self.launch()
+    }
+
+    /// `pg_ctl start` on `self.port`, waiting until it accepts connections.
+    fn launch(&mut self) -> Result<(), EmbeddedError> {
+        let log = self.dir.join("server.log");
+        let options = format!("-p {} -h 127.0.0.1 -k {}", self.port, self.dir.display());
+        self.run(
             "pg_ctl",
             &[
                 "-D".as_ref(),
-                pg.dir.as_os_str(),
+                self.dir.as_os_str(),
                 "-l".as_ref(),
                 log.as_os_str(),
                 "-w".as_ref(),
@@ -117,8 +132,8 @@ impl EmbeddedPostgres {
             },
             other => other,
         })?;
-        pg.started_here = true;
-        Ok(pg)
+        self.started_here = true;
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {
