@@ -79,9 +79,22 @@ async fn database(config: &RunConfig) -> anyhow::Result<Database> {
         tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, &Tuning::default()))
             .await?
             .context("cannot start the embedded PostgreSQL")?;
-    embedded::ensure_database(&server.url("postgres"), "ecommerce")
-        .await
-        .context("cannot create database ecommerce in the embedded PostgreSQL")?;
+    // A server reused while it still starts up refuses connections for a
+    // moment ("the database system is starting up").
+    let deadline = Instant::now() + config.connect_timeout;
+    loop {
+        match embedded::ensure_database(&server.url("postgres"), "ecommerce").await {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!("embedded PostgreSQL not ready ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => {
+                return Err(e)
+                    .context("cannot create database ecommerce in the embedded PostgreSQL")
+            }
+        }
+    }
     let url = server.url("ecommerce");
     tracing::info!(elapsed = ?started.elapsed(), "embedded PostgreSQL ready");
     println!("embedded PostgreSQL: {url}   (psql {url})");
