@@ -34,7 +34,8 @@ pub struct SourceConfig {
     /// How long a file must be unchanged before an unterminated last line
     /// is taken as complete.
     pub settle: Duration,
-    /// Bytes read per call; grown when a single record is longer.
+    /// Bytes read per call, and the longest record: one that does not fit
+    /// is quarantined and reading goes on at the next line (see `file`).
     pub chunk: usize,
 }
 
