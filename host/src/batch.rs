@@ -40,7 +40,8 @@ pub struct Malformed {
     pub row: BadRow,
 }
 
-#[derive(Debug)]
+/// Cloned only when a paused pipeline keeps a batch to try again.
+#[derive(Debug, Clone)]
 pub struct Batch {
     /// Unique per batch: lets the sink tell, after a lost connection,
     /// whether its commit went through.

@@ -169,6 +169,11 @@ pub struct RunArgs {
     /// How long to wait for the database at start.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub connect_timeout: Duration,
+    /// Pause the input when one stage fails every event of this many
+    /// consecutive batches (a broken stage would otherwise quarantine the
+    /// whole input); a new version of the stage resumes it. 0: never pause.
+    #[arg(long, default_value_t = crate::pause::DEFAULT_THRESHOLD)]
+    pub pause_after: u32,
 }
 
 #[derive(Args, Debug)]

@@ -45,6 +45,9 @@ impl Default for Tuning {
     }
 }
 
+/// The line `init` writes last: a cluster without it is unfinished.
+const SETTINGS_MARK: &str = "# Set by the pipeline host for ingest.";
+
 pub struct EmbeddedPostgres {
     dir: PathBuf,
     bin: PathBuf,
@@ -84,22 +87,89 @@ impl EmbeddedPostgres {
             run_as,
             started_here: false,
         };
-        if !pg.dir.join("PG_VERSION").exists() {
-            pg.init(tuning)?;
-        }
         if let Some(port) = pg.running_port() {
             tracing::info!(port, dir = %pg.dir.display(), "reusing the embedded PostgreSQL already running");
             pg.port = port;
             return Ok(pg);
         }
+        if !pg.initialised() && std::fs::read_dir(&pg.dir).is_ok_and(|mut d| d.next().is_some()) {
+            // initdb ran but the host never finished setting the cluster
+            // up: it was killed meanwhile (initdb dies with it). Nothing
+            // can have been stored in it yet, so it is made afresh.
+            tracing::warn!(dir = %pg.dir.display(), "the embedded PostgreSQL cluster was left half-initialised (the host was stopped during initdb); initialising it again");
+            pg.clear()?;
+        }
+        if !pg.initialised() {
+            pg.init(tuning)?;
+        }
         pg.port = free_port()?;
-        let log = pg.dir.join("server.log");
-        let options = format!("-p {} -h 127.0.0.1 -k {}", pg.port, pg.dir.display());
-        pg.run(
+        // A server killed a moment ago (stale postmaster.pid) may still have
+        // backends holding its shared memory, or a pg_ctl of a host killed
+        // during start-up may be starting it: retry for a while, and reuse
+        // the server if it comes up.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match pg.launch() {
+                Ok(()) => return Ok(pg),
+                Err(e) if std::time::Instant::now() < deadline => {
+                    if let Some(port) = pg.running_port() {
+                        tracing::info!(
+                            port,
+                            "reusing the embedded PostgreSQL another start brought up"
+                        );
+                        pg.port = port;
+                        return Ok(pg);
+                    }
+                    tracing::warn!("{e}; retrying");
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Whether `init` completed: it ends by appending the host's settings.
+    fn initialised(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("postgresql.conf"))
+            .map(|text| text.contains(SETTINGS_MARK))
+            .unwrap_or(false)
+    }
+
+    /// Empties the cluster folder (keeping the folder and its owner).
+    fn clear(&self) -> Result<(), EmbeddedError> {
+        let wrap = |source| EmbeddedError::Folder {
+            path: self.dir.clone(),
+            source,
+        };
+        for entry in std::fs::read_dir(&self.dir).map_err(wrap)?.flatten() {
+            let path = entry.path();
+            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                std::fs::remove_dir_all(&path).map_err(wrap)?;
+            } else {
+                std::fs::remove_file(&path).map_err(wrap)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the server again after `stop`, on the port it had, so URLs
+    /// handed out stay valid (outage tests stop and start it).
+    pub fn start_again(&mut self) -> Result<(), EmbeddedError> {
+        if self.started_here {
+            return Ok(());
+        }
+        self.launch()
+    }
+
+    /// `pg_ctl start` on `self.port`, waiting until it accepts connections.
+    fn launch(&mut self) -> Result<(), EmbeddedError> {
+        let log = self.dir.join("server.log");
+        let options = format!("-p {} -h 127.0.0.1 -k {}", self.port, self.dir.display());
+        self.run(
             "pg_ctl",
             &[
                 "-D".as_ref(),
-                pg.dir.as_os_str(),
+                self.dir.as_os_str(),
                 "-l".as_ref(),
                 log.as_os_str(),
                 "-w".as_ref(),
@@ -117,8 +187,8 @@ impl EmbeddedPostgres {
             },
             other => other,
         })?;
-        pg.started_here = true;
-        Ok(pg)
+        self.started_here = true;
+        Ok(())
     }
 
     pub fn port(&self) -> u16 {
@@ -168,7 +238,7 @@ impl EmbeddedPostgres {
             ],
         )?;
         let settings = format!(
-            "\n# Set by the pipeline host for ingest.\nlisten_addresses = '127.0.0.1'\nshared_buffers = {}\nmax_wal_size = {}\ncheckpoint_timeout = 15min\nwal_compression = on\nmax_connections = 50\n",
+            "\n{SETTINGS_MARK}\nlisten_addresses = '127.0.0.1'\nshared_buffers = {}\nmax_wal_size = {}\ncheckpoint_timeout = 15min\nwal_compression = on\nmax_connections = 50\n",
             tuning.shared_buffers, tuning.max_wal_size
         );
         let conf = self.dir.join("postgresql.conf");
@@ -202,6 +272,21 @@ impl EmbeddedPostgres {
         if let Some((uid, gid, _)) = &self.run_as {
             // std drops root's supplementary groups when it sets the uid.
             command.uid(*uid).gid(*gid).env("HOME", &self.dir);
+        }
+        if tool == "initdb" {
+            // initdb dies with the host: an orphan finishing on its own
+            // would race the next host's start over the same folder.
+            let parent = std::process::id();
+            // SAFETY: prctl and getppid are async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    if libc::getppid() as u32 != parent {
+                        return Err(std::io::Error::other("the host is gone"));
+                    }
+                    Ok(())
+                });
+            }
         }
         let shown = format!(
             "{tool} {}",

@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod generate;
 pub mod metrics;
 pub mod parse;
+pub mod pause;
 pub mod pipeline;
 pub mod plugin_test;
 pub mod scaffold;

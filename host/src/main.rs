@@ -45,6 +45,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir: args.state_dir,
                 batch_size: args.batch_size,
                 batch_interval: args.batch_interval,
+                pause_after: args.pause_after,
                 snapshot_interval: args.snapshot_interval,
                 once: args.once,
                 metrics_addr: (args.metrics_addr != "off").then_some(args.metrics_addr),

@@ -54,6 +54,7 @@ pub struct Metrics {
     stage_failures: Mutex<BTreeMap<(String, String), u64>>,
     plugin_loads: Mutex<BTreeMap<(String, String), u64>>,
     problems: Mutex<BTreeMap<String, String>>,
+    paused: Mutex<BTreeMap<String, bool>>,
 }
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
@@ -101,6 +102,15 @@ impl Metrics {
             *map.entry((stage.to_owned(), outcome.to_owned()))
                 .or_default() += 1;
         }
+    }
+
+    /// A stage paused the input (`Some(why)`) or the pause ended: the
+    /// `pipeline_stage_paused` gauge and `/healthz` follow it.
+    pub fn stage_paused(&self, stage: &str, why: Option<String>) {
+        if let Ok(mut map) = self.paused.lock() {
+            map.insert(stage.to_owned(), why.is_some());
+        }
+        self.set_problem(&format!("stage {stage}"), why);
     }
 
     pub fn set_db_down(&self, down: bool) {
@@ -211,6 +221,16 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "pipeline_stage_failures_total{{stage=\"{stage}\",kind=\"{kind}\"}} {n}"
+                );
+            }
+        }
+        if let Ok(map) = self.paused.lock() {
+            let _ = writeln!(out, "# HELP pipeline_stage_paused 1 while a stage that fails every event holds the input\n# TYPE pipeline_stage_paused gauge");
+            for (stage, paused) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "pipeline_stage_paused{{stage=\"{stage}\"}} {}",
+                    u8::from(*paused)
                 );
             }
         }

@@ -112,6 +112,12 @@ impl FileParser {
         parser
     }
 
+    /// The reader dropped a record it could not take whole (see the
+    /// source's record limit): a header can no longer follow.
+    pub fn skip_record(&mut self) {
+        self.started = true;
+    }
+
     /// Parses complete records of `chunk`, whose first line is line
     /// `first_line` (1-based) of the file. When `is_final` is false, a last
     /// record with an unclosed quote is left unconsumed: the rest of it has
@@ -147,7 +153,15 @@ impl FileParser {
             if !is_final && end == chunk.len() && !raw.ends_with(b"\n") {
                 break;
             }
-            if !is_final && raw.iter().filter(|&&b| b == b'"').count() % 2 == 1 {
+            // A record that runs to the end of the chunk may be cut inside
+            // a quoted field whose rest is not read yet (csv then ends it at
+            // the chunk's end): an odd number of quotes tells. One that
+            // ends before the chunk's end is complete whatever its quotes;
+            // holding it back would hold back everything after it.
+            if !is_final
+                && end == chunk.len()
+                && raw.iter().filter(|&&b| b == b'"').count() % 2 == 1
+            {
                 break;
             }
             let raw_lines = raw.iter().filter(|&&b| b == b'\n').count() as u64;
@@ -201,7 +215,7 @@ fn leading_blank_lines(raw: &[u8]) -> u64 {
     count
 }
 
-fn raw_text(raw: &[u8]) -> String {
+pub(crate) fn raw_text(raw: &[u8]) -> String {
     let text = String::from_utf8_lossy(raw);
     let text = text.trim_matches(|c| c == '\n' || c == '\r');
     // A single line can be huge; the quarantine keeps enough to act on.
@@ -406,6 +420,21 @@ mod tests {
         let (rows, used) = parse_all(&open, false);
         assert!(rows.is_empty());
         assert_eq!(used, 0);
+    }
+
+    #[test]
+    fn a_stray_quote_inside_a_field_does_not_hold_back_the_rest() {
+        // csv reads a quote inside an unquoted field as a plain character;
+        // the record is complete and what follows must not wait for a
+        // closing quote that never comes.
+        let text = format!(
+            "{ID},1,vi\"ew,2,3.00,2026-01-05T00:00:00Z\n{ID},2,view,2,3.00,2026-01-05T00:00:00Z\n"
+        );
+        let (rows, used) = parse_all(&text, false);
+        assert_eq!(used, text.len());
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].result.as_ref().unwrap().event_type, "vi\"ew");
+        assert!(rows[1].result.is_ok());
     }
 
     #[test]

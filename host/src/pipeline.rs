@@ -21,9 +21,10 @@ use tokio::sync::mpsc;
 use crate::batch::{Batch, Batcher, Origin};
 use crate::embedded::{self, EmbeddedPostgres, Tuning};
 use crate::metrics::{self, Metrics};
+use crate::pause::Breaker;
 use crate::sink::{self, Commit, Sink};
 use crate::source::{Source, SourceConfig};
-use crate::stage::chain::{Chain, Prepared, StageRun};
+use crate::stage::chain::{Chain, Prepared, StageRejection, StageRun};
 use crate::stage::manifest::Manifest;
 use crate::stage::reload::{self, Loader};
 use crate::stage::runtime::Runtime;
@@ -41,6 +42,9 @@ pub struct RunConfig {
     pub once: bool,
     pub metrics_addr: Option<String>,
     pub connect_timeout: Duration,
+    /// Consecutive wholly failed batches of one stage that pause the
+    /// input (0: never); see `pause`.
+    pub pause_after: u32,
 }
 
 /// Totals of a run, printed at the end.
@@ -75,9 +79,22 @@ async fn database(config: &RunConfig) -> anyhow::Result<Database> {
         tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&dir, &Tuning::default()))
             .await?
             .context("cannot start the embedded PostgreSQL")?;
-    embedded::ensure_database(&server.url("postgres"), "ecommerce")
-        .await
-        .context("cannot create database ecommerce in the embedded PostgreSQL")?;
+    // A server reused while it still starts up refuses connections for a
+    // moment ("the database system is starting up").
+    let deadline = Instant::now() + config.connect_timeout;
+    loop {
+        match embedded::ensure_database(&server.url("postgres"), "ecommerce").await {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!("embedded PostgreSQL not ready ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => {
+                return Err(e)
+                    .context("cannot create database ecommerce in the embedded PostgreSQL")
+            }
+        }
+    }
     let url = server.url("ecommerce");
     tracing::info!(elapsed = ?started.elapsed(), "embedded PostgreSQL ready");
     println!("embedded PostgreSQL: {url}   (psql {url})");
@@ -142,10 +159,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
         .name("source".into())
         .spawn(move || source.run(batcher, batch_tx))?;
 
-    let snapshot_interval = config.snapshot_interval;
+    let settings = StageSettings {
+        snapshot_interval: config.snapshot_interval,
+        pause_after: config.pause_after,
+        shutdown: shutdown.clone(),
+    };
     let stage_thread = std::thread::Builder::new()
         .name("stages".into())
-        .spawn(move || run_stages(chain, batch_rx, commit_tx, plan_rx, snapshot_interval))?;
+        .spawn(move || run_stages(chain, batch_rx, commit_tx, plan_rx, settings))?;
 
     if !config.once {
         let plugins = config.plugins.clone();
@@ -153,6 +174,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
         std::thread::Builder::new()
             .name("plugin-watch".into())
             .spawn(move || reload::watch(loader, plugins, plan, plan_tx, stop))?;
+    } else {
+        // No reloads with --once: a paused stage then ends the run.
+        drop(plan_tx);
     }
 
     let mut totals = Totals::default();
@@ -187,56 +211,102 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
         Ok(result) => result?,
         Err(_) => anyhow::bail!("the source thread panicked"),
     }
-    if stage_thread.join().is_err() {
-        anyhow::bail!("the stage thread panicked");
+    match stage_thread.join() {
+        Ok(result) => result?,
+        Err(_) => anyhow::bail!("the stage thread panicked"),
     }
     Ok(totals)
 }
 
+/// Why the stage thread stopped before its input ended.
+#[derive(Debug, thiserror::Error)]
+pub enum StageThreadError {
+    #[error("{0}; with --once no new version can be swapped in, so the host stops here without committing the held input: fix the stage and run again")]
+    PausedWithoutReload(String),
+}
+
+/// What the stage thread needs besides its channels.
+struct StageSettings {
+    snapshot_interval: Duration,
+    pause_after: u32,
+    shutdown: Arc<AtomicBool>,
+}
+
 /// The stage thread: runs each batch through the chain, applies new plans
-/// between batches, and takes snapshots when due and at the end.
+/// between batches, takes snapshots when due and at the end, and holds the
+/// input while a stage that fails everything is paused (see `pause`).
 fn run_stages(
     mut chain: Chain,
     mut batches: mpsc::Receiver<Batch>,
     commits: mpsc::Sender<Commit>,
     plans: std::sync::mpsc::Receiver<Vec<Prepared>>,
-    snapshot_interval: Duration,
-) {
+    settings: StageSettings,
+) -> Result<(), StageThreadError> {
     let m = metrics::global();
+    let mut breaker = Breaker::new(settings.pause_after);
     let mut last_snapshot = Instant::now();
     let mut snapshot_now = false;
     let mut processed_any = false;
-    while let Some(batch) = batches.blocking_recv() {
+    let mut held: Option<Batch> = None;
+    loop {
+        let batch = match held.take() {
+            Some(batch) => batch,
+            None => match batches.blocking_recv() {
+                Some(batch) => batch,
+                None => break,
+            },
+        };
         processed_any = true;
         // Only the newest plan matters; apply it before this batch.
         if let Some(plan) = plans.try_iter().last() {
-            let report = chain.apply(plan);
+            apply_plan(&mut chain, plan, &mut breaker, m);
             // Commit the new versions' state with the next batch.
             snapshot_now = true;
-            for v in &report.started {
-                tracing::info!(stage = %v.name, version = %v.version, hash = &v.hash[..12], "stage version swapped in");
-                m.plugin_loaded(&v.name);
-            }
-            for name in &report.removed {
-                tracing::info!(stage = %name, "stage removed");
-            }
-            for (name, reason) in &report.refused {
-                tracing::error!(stage = %name, "new version refused, keeping the current one: {reason}");
-                m.plugin_rejected(name, "start");
+        }
+        if let Some(pause) = breaker.paused() {
+            // Hold this batch, unprocessed, until the stage changes.
+            let why = pause.describe();
+            match wait_for_swap(&mut chain, &plans, &mut breaker, &settings.shutdown, m) {
+                Wait::Resumed => snapshot_now = true,
+                Wait::Shutdown => break,
+                Wait::NoReload => return Err(StageThreadError::PausedWithoutReload(why)),
             }
         }
-        let due = std::mem::take(&mut snapshot_now) || last_snapshot.elapsed() >= snapshot_interval;
+        let due = std::mem::take(&mut snapshot_now)
+            || last_snapshot.elapsed() >= settings.snapshot_interval;
         if due {
             last_snapshot = Instant::now();
         }
+        if breaker.probing() {
+            // The held batch goes to the new version. If that one fails all
+            // of it too, nothing of it may stick: not the rows, not the
+            // quarantine, not what earlier stages learnt from it.
+            let before = chain.snapshots();
+            let again = batch.clone();
+            let commit = process(&mut chain, batch, m, due);
+            if let Err(pause) = breaker.probe_result(&commit.stages) {
+                chain.rewind(before);
+                tracing::error!(stage = %pause.stage, "the new version fails every event of the held batch too; still {}", pause.describe());
+                m.stage_paused(&pause.stage, Some(pause.describe()));
+                held = Some(again);
+                snapshot_now = due;
+                continue;
+            }
+            tracing::info!(stage = %commit.stages.iter().map(|r| r.stage.name.as_str()).collect::<Vec<_>>().join(","),
+                "the held batch went through; input resumed");
+            if !send(&commits, commit, &mut breaker, m) {
+                return Ok(());
+            }
+            continue;
+        }
         let commit = process(&mut chain, batch, m, due);
-        if commits.blocking_send(commit).is_err() {
-            return;
+        if !send(&commits, commit, &mut breaker, m) {
+            return Ok(());
         }
     }
     // Input closed: commit the final state so a restart starts from it.
     if !processed_any {
-        return;
+        return Ok(());
     }
     let snapshots = chain.snapshots();
     if !snapshots.is_empty() {
@@ -259,14 +329,87 @@ fn run_stages(
             ..Commit::default()
         });
     }
+    Ok(())
+}
+
+/// Records a processed batch (metrics, the pause breaker) and hands it to
+/// the sink. Returns false when the sink is gone.
+fn send(
+    commits: &mpsc::Sender<Commit>,
+    commit: Commit,
+    breaker: &mut Breaker,
+    m: &Metrics,
+) -> bool {
+    record(m, &commit);
+    let rejections: Vec<StageRejection> = commit
+        .rejections
+        .iter()
+        .filter(|(r, _)| r.failure)
+        .map(|(r, _)| r.clone())
+        .collect();
+    if let Some(pause) = breaker.observe(&commit.stages, &rejections) {
+        tracing::error!(stage = %pause.stage, "{}", pause.describe());
+        m.stage_paused(&pause.stage, Some(pause.describe()));
+    }
+    commits.blocking_send(commit).is_ok()
+}
+
+fn apply_plan(chain: &mut Chain, plan: Vec<Prepared>, breaker: &mut Breaker, m: &Metrics) {
+    let report = chain.apply(plan);
+    for v in &report.started {
+        tracing::info!(stage = %v.name, version = %v.version, hash = &v.hash[..12], "stage version swapped in");
+        m.plugin_loaded(&v.name);
+    }
+    for name in &report.removed {
+        tracing::info!(stage = %name, "stage removed");
+    }
+    for (name, reason) in &report.refused {
+        tracing::error!(stage = %name, "new version refused, keeping the current one: {reason}");
+        m.plugin_rejected(name, "start");
+    }
+    if let Some(pause) = breaker.on_swap(&report) {
+        tracing::info!(stage = %pause.stage, "the paused stage changed: trying the held batch on it");
+        m.stage_paused(&pause.stage, None);
+    }
+}
+
+enum Wait {
+    Resumed,
+    Shutdown,
+    NoReload,
+}
+
+/// Blocks while the input is paused, applying plans as they come, until
+/// one changes the paused stage (or shutdown).
+fn wait_for_swap(
+    chain: &mut Chain,
+    plans: &std::sync::mpsc::Receiver<Vec<Prepared>>,
+    breaker: &mut Breaker,
+    shutdown: &AtomicBool,
+    m: &Metrics,
+) -> Wait {
+    use std::sync::mpsc::RecvTimeoutError;
+    while breaker.paused().is_some() {
+        if shutdown.load(Ordering::Relaxed) {
+            return Wait::Shutdown;
+        }
+        match plans.recv_timeout(Duration::from_millis(200)) {
+            Ok(plan) => {
+                let plan = plans.try_iter().last().unwrap_or(plan);
+                apply_plan(chain, plan, breaker, m);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Wait::NoReload,
+        }
+    }
+    Wait::Resumed
 }
 
 /// Runs one batch through the chain and gathers what its commit holds;
-/// `with_snapshots` adds the stages' state.
+/// `with_snapshots` adds the stages' state. Metrics are recorded by
+/// `record` once the commit is sure to be sent.
 fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -> Commit {
     let rows_in = batch.rows();
-    Metrics::add(&m.rows_read, rows_in);
-    Metrics::add(&m.rows_malformed, batch.malformed.len());
     let out = chain.process(&batch.events);
     for run in &out.runs {
         m.stage_time(&run.stage.name, run.elapsed);
@@ -284,21 +427,14 @@ fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -
             .into_iter()
             .map(|r| {
                 let origin = origins.get(r.event.event_id.as_str()).map(|o| (*o).clone());
-                if r.failure {
-                    m.stage_failure(&r.stage, "event");
-                }
                 (r, origin)
             })
             .collect()
     };
-    let failed = rejections.iter().filter(|(r, _)| r.failure).count();
-    Metrics::add(&m.rows_failed, failed);
-    Metrics::add(&m.rows_rejected, rejections.len() - failed);
     let dropped = batch
         .events
         .len()
         .saturating_sub(out.events.len() + rejections.len());
-    Metrics::add(&m.rows_dropped, dropped);
     let snapshots = if with_snapshots {
         chain.snapshots()
     } else {
@@ -317,6 +453,19 @@ fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -
         stages: out.runs,
         snapshots,
     }
+}
+
+/// The row counters of a batch that goes to the sink.
+fn record(m: &Metrics, c: &Commit) {
+    Metrics::add(&m.rows_read, c.rows_in);
+    Metrics::add(&m.rows_malformed, c.malformed.len());
+    let failed = c.rejections.iter().filter(|(r, _)| r.failure).count();
+    for (r, _) in c.rejections.iter().filter(|(r, _)| r.failure) {
+        m.stage_failure(&r.stage, "event");
+    }
+    Metrics::add(&m.rows_failed, failed);
+    Metrics::add(&m.rows_rejected, c.rejections.len() - failed);
+    Metrics::add(&m.rows_dropped, c.dropped);
 }
 
 fn spawn_signal_handler(shutdown: Arc<AtomicBool>) {

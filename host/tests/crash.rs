@@ -99,3 +99,259 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
         "the kills landed mid-ingest"
     );
 }
+
+fn install(from: &std::path::Path, plugins: &std::path::Path, name: &str) {
+    let tmp = plugins.join(format!(".{name}.tmp"));
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(tmp, plugins.join(name)).unwrap();
+}
+
+fn sha256(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(std::fs::read(path).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Moves freshly generated files into `input` under new names.
+fn arrive(staging: &std::path::Path, input: &std::path::Path, round: u32, events: &str) {
+    generate(
+        staging,
+        &[
+            "--files",
+            "1",
+            "--events-per-file",
+            events,
+            "--duplicate-rate",
+            "0.1",
+            "--invalid-rate",
+            "0.02",
+            "--seed",
+            &(2000 + round).to_string(),
+        ],
+    );
+    for entry in std::fs::read_dir(staging).unwrap() {
+        let path = entry.unwrap().path();
+        let name = format!(
+            "late_{round}_{}",
+            path.file_name().unwrap().to_string_lossy()
+        );
+        std::fs::rename(&path, input.join(name)).unwrap();
+    }
+}
+
+#[test]
+fn sigkill_right_after_a_hot_swap_loses_and_doubles_nothing() {
+    let dir = scratch("crash-swap");
+    let input = dir.join("input");
+    let staging = dir.join("staging");
+    let url = fresh_db("crash_swap");
+    let (v1, v2) = (
+        fixtures_dir().join("marker_v1.wasm"),
+        fixtures_dir().join("marker_v2.wasm"),
+    );
+    let transform = std::fs::read_to_string(plugins_dir().join("pipeline.toml")).unwrap();
+    let transform = &transform[..transform.find("[[stage]]\nname = \"dedup\"").unwrap()];
+    let plugins = plugins_with(
+        &dir,
+        &[
+            (&plugins_dir().join("transform.wasm"), "transform.wasm"),
+            (&v1, "marker.wasm"),
+        ],
+        &format!("{transform}\n[[stage]]\nname = \"marker\"\ncomponent = \"marker.wasm\"\n"),
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    generate(
+        &input,
+        &[
+            "--files",
+            "10",
+            "--events-per-file",
+            "500",
+            "--duplicate-rate",
+            "0.05",
+            "--invalid-rate",
+            "0.01",
+            "--seed",
+            "21",
+        ],
+    );
+    let rounds = 8;
+    for round in 0..rounds {
+        let mut child = host()
+            .args(run_args(&plugins, &input, &url, &dir.join("state")))
+            .args(["--batch-size", "100", "--snapshot-interval", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..800)));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited in round {round}"
+        );
+        // The new version lands; the kill comes while it is compiled,
+        // swapped in, or running its first batches.
+        install(
+            if round % 2 == 0 { &v2 } else { &v1 },
+            &plugins,
+            "marker.wasm",
+        );
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..400)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        arrive(&staging, &input, round, "300");
+    }
+    run_once(&plugins, &input, &url, &dir.join("state"), &[]);
+
+    let expected = expected(&input);
+    let actual = table(&url);
+    assert_eq!(actual.len(), expected.rows.len(), "rows lost or doubled");
+    let mut marks = [0i64; 2];
+    for (id, row) in &expected.rows {
+        let mut got = actual
+            .get(id)
+            .unwrap_or_else(|| panic!("event {id} lost"))
+            .clone();
+        let kind = if let Some(k) = got.1.strip_suffix("_v1") {
+            marks[0] += 1;
+            k
+        } else if let Some(k) = got.1.strip_suffix("_v2") {
+            marks[1] += 1;
+            k
+        } else {
+            panic!("event {id} not marked by either version: {}", got.1)
+        };
+        got.1 = kind.to_owned();
+        assert_eq!(&got, row, "event {id}");
+    }
+    assert!(marks[0] > 0 && marks[1] > 0, "both versions ran: {marks:?}");
+    // Every committed batch names the version that marked its rows.
+    for (path, marked) in [(&v1, marks[0]), (&v2, marks[1])] {
+        let written = count(
+            &url,
+            &format!("SELECT coalesce(sum(rows_written), 0) FROM pipeline.batches WHERE stages->1->>'hash' = '{}'", sha256(path)),
+        );
+        assert_eq!(written, marked, "batch records of {}", path.display());
+    }
+    assert_eq!(
+        count(&url, "SELECT count(*) FROM pipeline.quarantine") as usize,
+        expected.malformed
+    );
+}
+
+/// The postmaster of an embedded cluster, from its postmaster.pid.
+fn postmaster(cluster: &std::path::Path) -> Option<i32> {
+    let text = std::fs::read_to_string(cluster.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    std::path::Path::new(&format!("/proc/{pid}"))
+        .exists()
+        .then_some(pid)
+}
+
+fn kill_and_wait(pid: i32, signal: i32) {
+    unsafe { libc::kill(pid, signal) };
+    let started = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && started.elapsed() < Duration::from_secs(30)
+    {
+        // A child of ours would be a zombie until reaped; the postmaster
+        // is not ours (pg_ctl daemonises it), so it simply goes.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigkill_while_the_embedded_postgres_starts_then_a_restart_recovers() {
+    let dir = scratch("crash-embedded");
+    let input = dir.join("input");
+    // The cluster must be reachable by the unprivileged server user.
+    let state =
+        std::env::temp_dir().join(format!("pipeline-crash-embedded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let cluster = state.join("postgres");
+    generate(
+        &input,
+        &["--files", "4", "--events-per-file", "250", "--seed", "31"],
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let embedded_run = || {
+        let mut args = run_args(&plugins_dir(), &input, "", &state);
+        let at = args.iter().position(|a| a == "--database-url").unwrap();
+        args.drain(at..at + 2);
+        args
+    };
+    let mut killed_during_start = 0;
+    for round in 0..6 {
+        // From the second round on, the server left by the last round dies
+        // too (SIGKILL): a stale postmaster.pid and shared memory remain.
+        if let Some(pid) = postmaster(&cluster) {
+            kill_and_wait(pid, libc::SIGKILL);
+        }
+        let mut child = host()
+            .args(embedded_run())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        if round < 2 {
+            // Early: during initdb.
+            std::thread::sleep(Duration::from_millis(rng.random_range(100..1500)));
+        } else {
+            // Later: once the cluster exists, while the server starts
+            // (from round 3 on, over the stale postmaster.pid).
+            wait_until(Duration::from_secs(90), "initdb", || {
+                std::fs::read_to_string(cluster.join("postgresql.conf"))
+                    .is_ok_and(|t| t.contains("Set by the pipeline host"))
+            });
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..800)));
+        }
+        let phase = match (cluster.join("PG_VERSION").exists(), postmaster(&cluster)) {
+            (false, _) => "during initdb",
+            (true, None) => "between initdb and the server's start",
+            (true, Some(_)) => "with the server up or starting",
+        };
+        child.kill().unwrap();
+        let out = child.wait_with_output().unwrap();
+        // The URL is printed once the server is ready and the database made.
+        let ready = String::from_utf8_lossy(&out.stdout).contains("embedded PostgreSQL:");
+        if !ready {
+            killed_during_start += 1;
+        }
+        println!("round {round}: killed {phase}, ready: {ready}");
+    }
+    assert!(
+        killed_during_start > 0,
+        "no kill landed during the embedded server's start-up"
+    );
+    if let Some(pid) = postmaster(&cluster) {
+        kill_and_wait(pid, libc::SIGKILL);
+    }
+    let out = host().args(embedded_run()).arg("--once").output().unwrap();
+    assert!(
+        out.status.success(),
+        "host run --once after the kills: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Read the table through the same cluster, then stop it.
+    let server =
+        host::embedded::EmbeddedPostgres::start(&cluster, &host::embedded::Tuning::default())
+            .unwrap();
+    let url = server.url("ecommerce");
+    let expected = expected(&input);
+    let actual = table(&url);
+    let quarantined = count(&url, "SELECT count(*) FROM pipeline.quarantine") as usize;
+    drop(server);
+    if let Some(pid) = postmaster(&cluster) {
+        kill_and_wait(pid, libc::SIGINT);
+    }
+    let _ = std::fs::remove_dir_all(&state);
+    assert_eq!(actual.len(), expected.rows.len(), "rows lost or doubled");
+    for (id, row) in &expected.rows {
+        assert_eq!(actual.get(id), Some(row), "event {id}");
+    }
+    assert_eq!(quarantined, expected.malformed);
+    println!("{killed_during_start} of 6 kills landed before the embedded server was ready");
+}

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -167,4 +167,152 @@ fn a_component_of_another_world_is_refused_at_start_with_the_reason() {
         stderr.contains("other.wasm") && stderr.contains("does not"),
         "{stderr}"
     );
+}
+
+fn install(from: &std::path::Path, plugins: &std::path::Path, name: &str) {
+    let tmp = plugins.join(format!(".{name}.tmp"));
+    std::fs::copy(from, &tmp).unwrap();
+    std::fs::rename(tmp, plugins.join(name)).unwrap();
+}
+
+fn table_ready(url: &str) -> bool {
+    query(url, "SELECT to_regclass('pipeline.quarantine')::text")[0][0].is_some()
+}
+
+/// A stage that traps on every event: after three wholly failed batches
+/// the input is held (nothing more quarantined), /healthz and the metric
+/// say why, a version that fails too keeps it held without committing
+/// anything, and a working version gets every held event.
+#[test]
+fn a_stage_that_fails_every_event_pauses_the_input_until_a_new_version_arrives() {
+    let dir = scratch("pause");
+    let manifest = |mode: &str| {
+        format!("[[stage]]\nname = \"faulty\"\ncomponent = \"stage.wasm\"\n[stage.config]\nmode = \"{mode}\"\n")
+    };
+    let plugins = plugins_with(
+        &dir,
+        &[(&fixtures_dir().join("faulty.wasm"), "stage.wasm")],
+        &manifest("trap"),
+    );
+    let input = dir.join("input");
+    // Product 13 makes the faulty stage trap: every event of every batch.
+    let rows: Vec<String> = (0..200).map(|_| row(1, 13)).collect();
+    write_csv(&input, "a.csv", &rows);
+    let url = fresh_db("pause");
+    let port = free_port();
+    let log = dir.join("host.log");
+    let child = Running::new(
+        host()
+            .args(run_args_on(
+                &plugins,
+                &input,
+                &url,
+                &dir.join("state"),
+                port,
+            ))
+            .args(["--batch-size", "20", "--snapshot-interval", "0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    let started = Instant::now();
+    let health = || http_get(port, "/healthz");
+    wait_until(
+        Duration::from_secs(60),
+        "the pause",
+        || matches!(health(), Some((503, body)) if body.contains("paused the input")),
+    );
+    let detected = started.elapsed();
+    let (_, body) = health().unwrap();
+    assert!(
+        body.contains("stage faulty") && body.contains("trapped"),
+        "{body}"
+    );
+    let metrics = http_get(port, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("pipeline_stage_paused{stage=\"faulty\"} 1"),
+        "{metrics}"
+    );
+    // Held: only the three failed batches are quarantined, nothing more.
+    std::thread::sleep(Duration::from_millis(1500));
+    let failed = || count(&url, "SELECT count(*) FROM pipeline.quarantine");
+    assert_eq!(failed(), 60, "three batches of 20, then held");
+    assert_eq!(count(&url, "SELECT count(*) FROM ecommerce_events"), 0);
+
+    // A new version that fails every event too: the held batch is not
+    // committed (no quarantine), and the input stays held.
+    std::fs::write(plugins.join("pipeline.toml"), manifest("fail")).unwrap();
+    wait_until(Duration::from_secs(30), "the failed probe", || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("fails every event of the held batch too")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(failed(), 60);
+    assert_eq!(health().unwrap().0, 503);
+
+    // A working component renamed in: every held event reaches the table.
+    install(
+        &fixtures_dir().join("marker_v1.wasm"),
+        &plugins,
+        "stage.wasm",
+    );
+    wait_until(Duration::from_secs(60), "the held rows", || {
+        table_ready(&url) && count(&url, "SELECT count(*) FROM ecommerce_events") == 140
+    });
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM ecommerce_events WHERE event_type = 'view_v1'"
+        ),
+        140
+    );
+    assert_eq!(failed(), 60, "nothing of the held input was quarantined");
+    assert_eq!(health().unwrap().0, 200);
+    let metrics = http_get(port, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("pipeline_stage_paused{stage=\"faulty\"} 0"),
+        "{metrics}"
+    );
+    assert!(child.terminate(), "clean exit on SIGTERM");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("input resumed"), "{text}");
+    println!("pause detected {detected:?} after start (3 batches of 20 trapping events)");
+}
+
+#[test]
+fn with_once_a_stage_that_fails_every_event_stops_the_run_without_committing_the_rest() {
+    let dir = scratch("pause-once");
+    let plugins = plugins_with(
+        &dir,
+        &[(&fixtures_dir().join("faulty.wasm"), "faulty.wasm")],
+        "[[stage]]\nname = \"faulty\"\ncomponent = \"faulty.wasm\"\n[stage.config]\nmode = \"trap\"\n",
+    );
+    let input = dir.join("input");
+    write_csv(
+        &input,
+        "a.csv",
+        &(0..200).map(|_| row(1, 13)).collect::<Vec<_>>(),
+    );
+    let url = fresh_db("pause_once");
+    let out = host()
+        .args(run_args(&plugins, &input, &url, &dir.join("state")))
+        .args(["--once", "--batch-size", "20"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("paused the input") && stderr.contains("--once"),
+        "{stderr}"
+    );
+    assert_eq!(count(&url, "SELECT count(*) FROM pipeline.quarantine"), 60);
+    // The held input is not committed: a fixed stage reads it next time.
+    let committed = count(
+        &url,
+        "SELECT coalesce(max(line), 0) FROM pipeline.positions",
+    );
+    assert_eq!(committed, 61, "header and three batches");
 }

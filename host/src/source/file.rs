@@ -35,7 +35,20 @@ pub(super) struct Tracked {
     parser: FileParser,
     /// The last error reported, so a persistent one is logged once.
     last_error: Option<String>,
+    buf: Vec<u8>,
+    /// A line longer than the buffer, being skipped to its end.
+    skipping: Option<Overlong>,
 }
+
+/// The part of an overlong line kept for the quarantine.
+struct Overlong {
+    line: u64,
+    head: Vec<u8>,
+    bytes: u64,
+}
+
+/// How much of an overlong line the quarantine keeps.
+const OVERLONG_HEAD: usize = 64 * 1024;
 
 impl Tracked {
     pub(super) fn open(key: String, path: &Path, committed: Option<Position>) -> Tracked {
@@ -58,6 +71,8 @@ impl Tracked {
             line,
             parser,
             last_error: None,
+            buf: Vec::new(),
+            skipping: None,
         }
     }
 
@@ -77,55 +92,85 @@ impl Tracked {
     }
 
     /// Reads every complete record added since the last call. Returns
-    /// whether anything was consumed. `buf` is scratch space shared by all
-    /// files (nothing in it outlives the call: an incomplete last record
-    /// is read again from `offset` next time), so memory does not grow
-    /// with the number of files in the folder.
+    /// whether anything was consumed.
+    ///
+    /// The buffer holds at most `config.chunk` bytes: a record that does
+    /// not fit is quarantined (the first 64 KiB of its line kept) and
+    /// reading goes on at the next line, so one huge line, or a quote that
+    /// is never closed, costs neither memory nor a stall.
     pub(super) fn read_new(
         &mut self,
-        buf: &mut Vec<u8>,
         meta: &std::fs::Metadata,
         config: &SourceConfig,
         outlet: &mut Outlet,
         shutdown: &AtomicBool,
     ) -> std::io::Result<bool> {
-        let len = meta.len();
+        // The listing's size spares an open() of every unchanged file.
+        if meta.len() == self.offset {
+            return Ok(false);
+        }
+        let mut file = std::fs::File::open(&*self.path)?;
+        let opened = file.metadata()?;
+        if file_key(&opened) != self.key {
+            // The name was given to another file since the folder was
+            // listed (rewritten by rename): reading this one from our
+            // offset would mix two files. The next pass sees the new file
+            // under its own identity and reads it from the start.
+            return Ok(false);
+        }
+        let len = opened.len();
         if len < self.offset {
             tracing::warn!(file = %self.path, size = len, offset = self.offset,
                 "file shrank below the read position: it was truncated or rewritten; reading it again from the start");
             self.offset = 0;
             self.line = 0;
             self.parser = FileParser::default();
+            self.skipping = None;
         }
         if len == self.offset {
             return Ok(false);
         }
-        let quiet_for = meta
+        let quiet_for = opened
             .modified()
             .ok()
             .and_then(|m| SystemTime::now().duration_since(m).ok())
             .unwrap_or(Duration::ZERO);
         let settled = config.once || quiet_for >= config.settle;
 
-        let mut file = std::fs::File::open(&*self.path)?;
         file.seek(SeekFrom::Start(self.offset))?;
         let mut remaining = len - self.offset;
-        let mut want = config.chunk;
+        let cap = config.chunk.max(1);
         let mut progressed = false;
-        buf.clear();
+        self.buf.clear();
         while remaining > 0 && !shutdown.load(Ordering::Relaxed) && !outlet.closed {
-            let start = buf.len();
-            let take = (want.saturating_sub(start) as u64).min(remaining) as usize;
-            buf.resize(start + take, 0);
-            let got = read_full(&mut file, &mut buf[start..])?;
-            buf.truncate(start + got);
+            let start = self.buf.len();
+            let take = (cap.saturating_sub(start) as u64).min(remaining) as usize;
+            self.buf.resize(start + take, 0);
+            let got = read_full(&mut file, &mut self.buf[start..])?;
+            self.buf.truncate(start + got);
+            if got == 0 && take > 0 {
+                // The file ended before its listed size: it shrank while
+                // being read. What is left in the buffer is a cut record,
+                // not a last line; the next pass sees the new size.
+                break;
+            }
             remaining = remaining.saturating_sub(got as u64);
-            let at_end = got == 0 || remaining == 0;
+            let at_end = remaining == 0;
             let is_final = at_end && settled;
+            if self.skipping.is_some() && self.skip(is_final, cap, outlet) {
+                progressed = true;
+                if self.skipping.is_some() {
+                    // Still inside the long line: read on.
+                    if at_end {
+                        break;
+                    }
+                    continue;
+                }
+            }
             let upto = if is_final {
-                buf.len()
+                self.buf.len()
             } else {
-                match buf.iter().rposition(|&b| b == b'\n') {
+                match self.buf.iter().rposition(|&b| b == b'\n') {
                     Some(i) => i + 1,
                     None => 0,
                 }
@@ -133,36 +178,124 @@ impl Tracked {
             let (used, lines) = if upto == 0 {
                 (0, 0)
             } else {
-                self.parse(&buf[..upto], is_final, outlet)
+                self.parse(upto, is_final, outlet)
             };
             if used > 0 {
                 progressed = true;
                 self.offset += used as u64;
                 self.line += lines;
-                buf.drain(..used);
+                self.buf.drain(..used);
+            } else if self.buf.len() >= cap {
+                // The first record does not fit in the buffer.
+                self.overflow(cap, outlet);
+                progressed = true;
             } else if at_end {
                 break;
-            } else if buf.len() >= want {
-                // One record is longer than the chunk: read more of it.
-                want *= 2;
-            }
-            if got == 0 {
-                break;
             }
         }
-        // A record longer than the chunk grew the buffer; give that back.
-        if buf.capacity() > 4 * config.chunk {
-            *buf = Vec::new();
-        }
+        // Nothing in the buffer outlives this call (an incomplete record is
+        // read again from `offset`): give it back, or every file in the
+        // folder would keep a chunk's worth of memory (130 MB over a
+        // 100-file backlog).
+        self.buf = Vec::new();
         self.last_error = None;
         Ok(progressed)
     }
 
-    fn parse(&mut self, chunk: &[u8], is_final: bool, outlet: &mut Outlet) -> (usize, u64) {
+    /// The buffer is full and holds no complete record. If it holds a line
+    /// end, the record began with a quote that is not closed within the
+    /// buffer: its first line is quarantined and reading resumes after
+    /// it. Otherwise the line itself is too long: it is skipped to its end.
+    fn overflow(&mut self, cap: usize, outlet: &mut Outlet) {
+        let line = self.line + 1;
+        match self.buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                let raw = crate::parse::raw_text(&self.buf[..=i]);
+                self.offset += i as u64 + 1;
+                self.line += 1;
+                self.buf.drain(..=i);
+                self.quarantine(
+                    line,
+                    raw,
+                    format!("a quoted field opened on this line is not closed within {cap} bytes (the limit for one record); the line is quarantined and reading goes on at the next one"),
+                    outlet,
+                );
+                // What follows is read as if the quote had not been there.
+                self.parser.skip_record();
+            }
+            None => {
+                let head = self.buf[..self.buf.len().min(OVERLONG_HEAD)].to_vec();
+                self.skipping = Some(Overlong {
+                    line,
+                    head,
+                    bytes: self.buf.len() as u64,
+                });
+                self.offset += self.buf.len() as u64;
+                self.buf.clear();
+            }
+        }
+    }
+
+    /// Discards the rest of an overlong line. Returns whether the buffer
+    /// was used; `self.skipping` is cleared once the line has ended.
+    fn skip(&mut self, is_final: bool, cap: usize, outlet: &mut Outlet) -> bool {
+        let Some(skip) = self.skipping.as_mut() else {
+            return false;
+        };
+        // The line's length (reported) leaves out its line end.
+        let (end, length) = match self.buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, i),
+            None if is_final => (self.buf.len(), self.buf.len()),
+            None => {
+                skip.bytes += self.buf.len() as u64;
+                self.offset += self.buf.len() as u64;
+                self.buf.clear();
+                return true;
+            }
+        };
+        skip.bytes += length as u64;
+        self.offset += end as u64;
+        // Lines count line ends, as the parser counts them.
+        if end > length {
+            self.line += 1;
+        }
+        self.buf.drain(..end);
+        let Some(skip) = self.skipping.take() else {
+            return true;
+        };
+        let raw = crate::parse::raw_text(&skip.head);
+        self.quarantine(
+            skip.line,
+            format!("{raw}... [{} bytes]", skip.bytes),
+            format!("line is {} bytes, longer than the limit of {cap} bytes for one record; skipped to the next line", skip.bytes),
+            outlet,
+        );
+        self.parser.skip_record();
+        true
+    }
+
+    /// Sends a record the source itself rejects, with the position after it.
+    fn quarantine(&mut self, line: u64, raw: String, reason: String, outlet: &mut Outlet) {
+        let position = Position {
+            key: self.key.clone(),
+            path: self.path.clone(),
+            offset: self.offset,
+            line: self.line,
+        };
+        let record = Err(Malformed {
+            file: self.path.clone(),
+            row: crate::parse::BadRow { line, raw, reason },
+        });
+        let full = outlet.batcher.push(record, position);
+        outlet.send(full);
+    }
+
+    fn parse(&mut self, upto: usize, is_final: bool, outlet: &mut Outlet) -> (usize, u64) {
         let base_offset = self.offset;
         let base_line = self.line;
         let path = &self.path;
         let key = &self.key;
+        let chunk = &self.buf[..upto];
         self.parser.parse(chunk, base_line + 1, is_final, |parsed| {
             let position = Position {
                 key: key.clone(),
@@ -211,4 +344,94 @@ fn first_line(path: &str) -> Option<Vec<u8>> {
         .read_until(b'\n', &mut line)
         .ok()?;
     Some(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::batch::Batcher;
+
+    const ROW: &str = "550e8400-e29b-41d4-a716-446655440000,1,view,2,3.00,2026-01-05T00:00:00Z\n";
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("source-file-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Reads what `tracked` finds in one call; returns the batch it made.
+    fn read(tracked: &mut Tracked, meta: &std::fs::Metadata, chunk: usize) -> Option<Batch> {
+        let (tx, _rx) = tokio::sync::mpsc::channel(16);
+        let mut outlet = Outlet {
+            batcher: Batcher::new(1_000_000, Duration::from_secs(60)),
+            tx,
+            closed: false,
+        };
+        let mut config = SourceConfig::new(std::path::PathBuf::new(), true);
+        config.chunk = chunk;
+        tracked
+            .read_new(meta, &config, &mut outlet, &AtomicBool::new(false))
+            .unwrap();
+        outlet.batcher.take()
+    }
+
+    use crate::batch::Batch;
+
+    #[test]
+    fn a_file_replaced_under_its_name_is_not_read_from_the_old_offset() {
+        let dir = scratch("replaced");
+        let path = dir.join("a.csv");
+        std::fs::write(&path, ROW.repeat(10)).unwrap();
+        let listed = std::fs::metadata(&path).unwrap();
+        let committed = Position {
+            key: file_key(&listed),
+            path: Arc::from(path.to_string_lossy().as_ref()),
+            offset: (ROW.len() * 5) as u64,
+            line: 5,
+        };
+        let mut tracked = Tracked::open(file_key(&listed), &path, Some(committed));
+        // Between the listing and the read, another file takes the name.
+        let tmp = dir.join("a.tmp");
+        std::fs::write(&tmp, format!("x{}", ROW.repeat(20))).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert!(
+            read(&mut tracked, &listed, 1 << 20).is_none(),
+            "nothing read from the new file at the old file's offset"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_line_longer_than_the_buffer_is_quarantined_and_reading_goes_on() {
+        let dir = scratch("overlong");
+        let path = dir.join("a.csv");
+        let long = "y".repeat(1000);
+        let text = format!("{ROW}{long}\n{ROW}\"open,quote\n{ROW}{ROW}{ROW}{long}");
+        std::fs::write(&path, &text).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let mut tracked = Tracked::open(file_key(&meta), &path, None);
+        // A buffer of 200 bytes: the 1000-byte lines do not fit, and the
+        // open quote is not closed within it.
+        let batch = read(&mut tracked, &meta, 200).unwrap();
+        assert_eq!(batch.events.len(), 5);
+        let bad: Vec<(u64, &str)> = batch
+            .malformed
+            .iter()
+            .map(|m| (m.row.line, m.row.reason.as_str()))
+            .collect();
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        assert_eq!(bad[0].0, 2);
+        assert!(bad[0].1.contains("line is 1000 bytes"), "{}", bad[0].1);
+        assert_eq!(bad[1].0, 4);
+        assert!(bad[1].1.contains("not closed"), "{}", bad[1].1);
+        // The last line has no line end: it ends at the end of the file.
+        assert_eq!(bad[2].0, 8);
+        let end = batch.positions.values().next().unwrap();
+        assert_eq!(end.offset, text.len() as u64);
+        assert_eq!(end.line, 7);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

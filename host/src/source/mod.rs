@@ -34,7 +34,8 @@ pub struct SourceConfig {
     /// How long a file must be unchanged before an unterminated last line
     /// is taken as complete.
     pub settle: Duration,
-    /// Bytes read per call; grown when a single record is longer.
+    /// Bytes read per call, and the longest record: one that does not fit
+    /// is quarantined and reading goes on at the next line (see `file`).
     pub chunk: usize,
 }
 
@@ -92,8 +93,6 @@ pub struct Source {
     committed: HashMap<String, Position>,
     tracked: HashMap<String, Tracked>,
     shutdown: Arc<AtomicBool>,
-    /// Read buffer, reused for every file.
-    buf: Vec<u8>,
 }
 
 impl Source {
@@ -109,7 +108,6 @@ impl Source {
             committed,
             tracked: HashMap::new(),
             shutdown,
-            buf: Vec::new(),
         }
     }
 
@@ -195,7 +193,7 @@ impl Source {
             if self.shutdown.load(Ordering::Relaxed) || outlet.closed {
                 break;
             }
-            match tracked.read_new(&mut self.buf, &meta, &self.config, outlet, &self.shutdown) {
+            match tracked.read_new(&meta, &self.config, outlet, &self.shutdown) {
                 Ok(read) => progressed |= read,
                 Err(e) => tracked.report_error(e),
             }

@@ -345,6 +345,23 @@ impl Chain {
         out
     }
 
+    /// Puts the stages back to the states `snapshots` took: a batch that
+    /// was processed but will not be committed (held by a pause) must
+    /// leave no trace in, say, a dedup set. A stage whose version changed
+    /// since is left as it is.
+    pub fn rewind(&mut self, snapshots: Vec<StageSnapshot>) {
+        for snapshot in snapshots {
+            if let Some(slot) = self
+                .slots
+                .iter_mut()
+                .find(|s| s.version() == snapshot.stage)
+            {
+                slot.base_state = snapshot.state;
+                slot.force_fresh();
+            }
+        }
+    }
+
     /// Applies a new plan between batches. Stages whose component and spec
     /// are unchanged keep their instance; changed ones start a new
     /// instance that receives the old one's state.

@@ -356,3 +356,117 @@ pub fn row(user: i32, product: i32) -> String {
         uuid::Uuid::new_v4()
     )
 }
+
+/// A TCP port free at the time of the call, for `--metrics-addr`.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on 127.0.0.1:port: (status code, body), or None when
+/// nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    // One write: the server reads the request with a single read.
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut bytes = Vec::new();
+    let _ = stream.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// `run_args` with the metrics on a known port.
+pub fn run_args_on(
+    plugins: &Path,
+    input: &Path,
+    url: &str,
+    state: &Path,
+    port: u16,
+) -> Vec<String> {
+    let mut args = run_args(plugins, input, url, state);
+    let last = args.len() - 1;
+    args[last] = format!("127.0.0.1:{port}");
+    args
+}
+
+/// Peak and current resident memory of a process, in kB (VmHWM, VmRSS).
+pub fn memory_kb(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// Waits until `ready` holds, failing the test after `limit`.
+pub fn wait_until(limit: std::time::Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A spawned host that is killed if the test fails before stopping it,
+/// so a failed test leaves no process behind.
+pub struct Running(pub Option<std::process::Child>);
+
+impl Running {
+    pub fn new(child: std::process::Child) -> Running {
+        Running(Some(child))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGTERM, then waits: whether it exited cleanly.
+    pub fn terminate(mut self) -> bool {
+        let Some(mut child) = self.0.take() else {
+            return false;
+        };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// SIGKILL, then waits.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn exited(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .map(|c| c.try_wait().ok().flatten().is_some())
+            .unwrap_or(true)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
