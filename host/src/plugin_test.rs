@@ -63,6 +63,7 @@ pub fn run(t: PluginTest) -> anyhow::Result<Summary> {
         vec![Prepared {
             spec: Arc::new(spec),
             component,
+            shadow: None,
         }],
         &HashMap::new(),
     )?;
