@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod parse;
 pub mod pipeline;
 pub mod plugin_test;
+pub mod plugins;
 pub mod scaffold;
 pub mod sink;
 pub mod source;
