@@ -418,6 +418,29 @@ mod tests {
         assert_eq!((d.kept_both, d.candidate_only), (1, 1));
     }
 
+    proptest::proptest! {
+        /// Whatever two versions return, every kept event is counted once
+        /// on each side, and changes are only counted for pairs.
+        #[test]
+        fn counts_account_for_every_kept_event(
+            live in proptest::collection::vec((0u8..8, 0i64..3), 0..40),
+            candidate in proptest::collection::vec((0u8..8, 0i64..3), 0..40),
+        ) {
+            let events = |v: &[(u8, i64)]| -> Vec<Event> {
+                v.iter().map(|(id, price)| event(&id.to_string(), "view", *price)).collect()
+            };
+            let (l, c) = (result(events(&live), vec![]), result(events(&candidate), vec![]));
+            let d = diff(&l, 0, &c);
+            proptest::prop_assert_eq!(d.kept_both + d.live_only, live.len());
+            proptest::prop_assert_eq!(d.kept_both + d.candidate_only, candidate.len());
+            proptest::prop_assert!(d.changed <= d.kept_both);
+            proptest::prop_assert_eq!(d.fields.get("price_cents").copied().unwrap_or(0), d.changed);
+            // Symmetric: swapping the roles swaps the one-sided counts.
+            let back = diff(&c, 0, &l);
+            proptest::prop_assert_eq!((back.kept_both, back.live_only, back.candidate_only), (d.kept_both, d.candidate_only, d.live_only));
+        }
+    }
+
     #[test]
     fn every_field_is_compared() {
         let a = event("a", "view", 1);
