@@ -2,13 +2,13 @@
 #   make run    build everything, start the generator and the pipeline
 #               (with its own embedded PostgreSQL unless DATABASE_URL is set)
 #   make test   install what the tests need, build everything, run all tests
-# Others: make build | plugins | fixtures | bench | lint
+# Others: make build | plugins | examples | fixtures | bench | bench-languages | lint
 
 SHELL := /bin/bash
 CARGO ?= cargo
 HOST := target/release/host
 
-.PHONY: run build plugins examples fixtures test lint toolchain postgres clean
+.PHONY: run build plugins examples fixtures test lint toolchain postgres clean bench bench-languages
 
 run: build
 	@mkdir -p data/input
@@ -29,13 +29,18 @@ plugins: toolchain
 
 # The Python and JavaScript example stages; their build scripts install
 # componentize-py and componentize-js when missing. Rebuilt when changed.
-examples: plugins/currency.wasm plugins/mask_users.wasm
+# currency (Python), currency_js and currency_rust (from `plugins`) are one
+# transform in three languages, compared by the tests and benches/languages.sh.
+examples: plugins/currency.wasm plugins/mask_users.wasm plugins/currency_js.wasm
 
 plugins/currency.wasm: wit/pipeline.wit plugins/python/currency/app.py plugins/python/currency/build.sh
 	bash plugins/python/currency/build.sh
 
 plugins/mask_users.wasm: wit/pipeline.wit plugins/js/mask_users/stage.js plugins/js/mask_users/package.json plugins/js/mask_users/build.sh
 	bash plugins/js/mask_users/build.sh
+
+plugins/currency_js.wasm: wit/pipeline.wit plugins/js/currency/stage.js plugins/js/currency/package.json plugins/js/currency/build.sh
+	bash plugins/js/currency/build.sh
 
 fixtures: toolchain
 	bash host/tests/fixtures/plugins/build.sh
@@ -53,8 +58,17 @@ postgres:
 	else echo "PostgreSQL: none running; the tests start their own"; fi
 
 test: build examples fixtures postgres
+	cd plugins/python/currency && python3 -m unittest -q test_app
 	$(CARGO) test --release --workspace
 	cd plugins/rust && $(CARGO) test --release
+
+# The benchmark: COPY ceiling vs the pipeline, latency, memory (host bench --help).
+bench: build
+	$(HOST) bench $(BENCH_ARGS)
+
+# The currency stage in Rust, Python and JavaScript over 100,000 events.
+bench-languages: build examples
+	bash benches/languages.sh
 
 lint:
 	$(CARGO) fmt --all --check

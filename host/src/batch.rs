@@ -53,6 +53,9 @@ pub struct Batch {
     pub positions: BTreeMap<String, Position>,
     /// When its first record was read: the start of its latency.
     pub opened: Instant,
+    /// From its first record to its closing: the time spent reading and
+    /// parsing its records (the source waits only between batches).
+    pub read_time: Duration,
 }
 
 impl Batch {
@@ -64,7 +67,13 @@ impl Batch {
             malformed: Vec::new(),
             positions: BTreeMap::new(),
             opened: Instant::now(),
+            read_time: Duration::ZERO,
         }
+    }
+
+    fn closed(mut self) -> Batch {
+        self.read_time = self.opened.elapsed();
+        self
     }
 
     /// Records read into this batch, good and bad.
@@ -118,7 +127,7 @@ impl Batcher {
             }
         }
         if batch.rows() >= self.max_rows {
-            self.current.take()
+            self.take()
         } else {
             None
         }
@@ -132,14 +141,14 @@ impl Batcher {
     /// Closes the open batch if it has reached its age.
     pub fn take_due(&mut self, now: Instant) -> Option<Batch> {
         match self.deadline() {
-            Some(deadline) if now >= deadline => self.current.take(),
+            Some(deadline) if now >= deadline => self.take(),
             _ => None,
         }
     }
 
     /// Closes the open batch now (idle input, shutdown, end of `--once`).
     pub fn take(&mut self) -> Option<Batch> {
-        self.current.take()
+        self.current.take().map(Batch::closed)
     }
 }
 

@@ -34,6 +34,9 @@ pub enum Command {
     /// loads, limits, grants, shadow candidate, and what the database last
     /// committed with it), or promote a shadow candidate.
     Plugins(PluginsArgs),
+    /// Measure the pipeline against PostgreSQL's own COPY ceiling, its
+    /// latency from file to table, and its memory; print a table and JSON.
+    Bench(BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -83,6 +86,47 @@ pub struct PromoteArgs {
     /// Compiled-component cache (the candidate is type-checked first); "off" disables.
     #[arg(long, default_value = "data/cache")]
     pub cache_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Events to generate and ingest.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: usize,
+    /// Events per generated file.
+    #[arg(long, default_value_t = 10_000)]
+    pub events_per_file: usize,
+    /// Share of events that repeat an earlier one.
+    #[arg(long, default_value_t = 0.01)]
+    pub duplicate_rate: f64,
+    /// Rows the table (and the ceiling's copy of it) already holds before
+    /// the measurement, e.g. 5000000.
+    #[arg(long, default_value_t = 0)]
+    pub preload: usize,
+    /// A PostgreSQL server the benchmark may create a scratch database on
+    /// (it is dropped at the end).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub database_url: String,
+    /// Folder with the plugin manifest and the stages to measure.
+    #[arg(long, default_value = "plugins")]
+    pub plugins: PathBuf,
+    /// Scratch folder for the generated files and the host's state.
+    #[arg(long, default_value = "target/bench")]
+    pub work_dir: PathBuf,
+    /// Seconds of the latency run at the generator's rate (a third of it
+    /// at 10,000 events/s); 0 skips start-up, latency and idle memory.
+    #[arg(long, default_value_t = 60)]
+    pub latency_seconds: u64,
+    /// Passed on to `host run --batch-size` [default: host run's].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Where the JSON result goes [default: <work-dir>/result.json].
+    #[arg(long)]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -102,6 +102,11 @@ impl Generator {
         Ok(self.file_index)
     }
 
+    /// Changes the size of the files written from now on.
+    pub fn set_events_per_file(&mut self, events: usize) {
+        self.config.events_per_file = events;
+    }
+
     /// Writes the next file; returns its path.
     pub fn write_file(&mut self) -> std::io::Result<PathBuf> {
         self.file_index += 1;

@@ -7,6 +7,7 @@
 //! Each arrow is a bounded channel; see `pipeline` for the wiring.
 
 pub mod batch;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod embedded;

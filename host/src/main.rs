@@ -117,6 +117,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Command::Bench(args) => {
+            host::bench::run(host::bench::BenchConfig {
+                events: args.events,
+                events_per_file: args.events_per_file,
+                duplicate_rate: args.duplicate_rate,
+                preload: args.preload,
+                admin_url: args.database_url,
+                plugins: args.plugins,
+                output: args
+                    .output
+                    .unwrap_or_else(|| args.work_dir.join("result.json")),
+                work_dir: args.work_dir,
+                latency_seconds: args.latency_seconds,
+                batch_size: args.batch_size,
+            })?;
+            Ok(())
+        }
         Command::Generate(args) => {
             for (name, rate) in [
                 ("--duplicate-rate", args.duplicate_rate),

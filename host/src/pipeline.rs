@@ -308,6 +308,7 @@ fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -
     Commit {
         id: batch.id,
         opened: Some(batch.opened),
+        read_time: batch.read_time,
         rows_in,
         events: out.events,
         malformed: batch.malformed,

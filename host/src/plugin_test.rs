@@ -43,6 +43,14 @@ pub struct Summary {
 pub fn run(t: PluginTest) -> anyhow::Result<Summary> {
     let runtime = Arc::new(Runtime::new(t.cache_dir.clone())?);
     let component = Arc::new(runtime.load(&t.component)?);
+    let wit = format!("ecommerce:pipeline@{}", component.wit_version);
+    if !t.json {
+        println!(
+            "component {}: built for {wit}; this host implements {}",
+            t.component.display(),
+            crate::stage::runtime::WIT_PACKAGE
+        );
+    }
     let name = t
         .component
         .file_stem()
@@ -159,7 +167,7 @@ pub fn run(t: PluginTest) -> anyhow::Result<Summary> {
     emit(
         t.json,
         json!({"summary": {"events": total, "kept": summary.kept, "changed": summary.changed, "rejected": summary.rejected,
-            "dropped": summary.dropped, "failed": summary.failed, "malformed": summary.malformed, "events_per_second": rate}}),
+            "dropped": summary.dropped, "failed": summary.failed, "malformed": summary.malformed, "events_per_second": rate, "wit": wit}}),
         line,
     );
     if let Some(first) = failures.first() {

@@ -1,6 +1,9 @@
-//! One pipeline whose stages are written in three languages: Rust
-//! (transform), Python (currency conversion) and JavaScript (user-id
-//! bucketing), run by the real host and checked row by row.
+//! Stages in three languages run by the real host: one pipeline whose
+//! stages are written in Rust (transform), Python (currency conversion)
+//! and JavaScript (user-id bucketing), checked row by row; and one
+//! transform, the currency conversion, written in all three languages,
+//! whose outputs must be identical row by row, rejections and config
+//! errors included.
 
 mod common;
 
@@ -261,5 +264,219 @@ fn plugin_new_scaffolds_a_stage_that_builds_and_passes_plugin_test() {
             "{lang}: {text}"
         );
         assert!(stage_dir.join("stage.toml").exists());
+    }
+}
+
+/// The currency stage in each language, as built by `make plugins examples`.
+fn currency_stages() -> [(&'static str, std::path::PathBuf); 3] {
+    let built = plugins_dir();
+    let stages = [
+        ("rust", built.join("currency_rust.wasm")),
+        ("python", built.join("currency.wasm")),
+        ("js", built.join("currency_js.wasm")),
+    ];
+    for (lang, path) in &stages {
+        assert!(
+            path.exists(),
+            "the {lang} currency stage {} is built by `make plugins examples`",
+            path.display()
+        );
+    }
+    stages
+}
+
+/// `host plugin test --json` of one component: its JSON lines, or the
+/// error it exits with.
+fn plugin_test_json(
+    component: &std::path::Path,
+    input: &std::path::Path,
+    config: &[(&str, &str)],
+) -> Result<Vec<serde_json::Value>, String> {
+    let mut cmd = host();
+    cmd.args([
+        "plugin",
+        "test",
+        &component.display().to_string(),
+        "--input",
+        &input.display().to_string(),
+        "--json",
+        "--cache-dir",
+        &cache_dir().display().to_string(),
+    ]);
+    for (key, value) in config {
+        cmd.arg("--config").arg(format!("{key}={value}"));
+    }
+    let out = cmd.output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect())
+}
+
+#[test]
+fn currency_in_rust_python_and_javascript_gives_identical_rows() {
+    let dir = scratch("currency-languages");
+    let stages = currency_stages();
+    let input = dir.join("input");
+    generate(
+        &input,
+        &["--files", "1", "--events-per-file", "2000", "--seed", "7"],
+    );
+    // Prices that test the rounding and the NUMERIC(10,2) bound.
+    let edge: Vec<String> = [
+        "0.00",
+        "0.01",
+        "0.03",
+        "0.05",
+        "0.15",
+        "12.25",
+        "99999999.99",
+        "660066.00",
+        "660066.01",
+    ]
+    .iter()
+    .map(|price| {
+        format!(
+            "{},5,view,6,{price},2026-01-05T00:00:00Z",
+            uuid::Uuid::new_v4()
+        )
+    })
+    .collect();
+    write_csv(&input, "edge.csv", &edge);
+    let mut sample = Vec::new();
+    for name in ["edge.csv"].into_iter().map(String::from).chain(
+        std::fs::read_dir(&input)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".csv") && n != "edge.csv"),
+    ) {
+        let text = std::fs::read_to_string(input.join(&name)).unwrap();
+        let body = text.split_once('\n').unwrap().1;
+        if sample.is_empty() {
+            sample.extend_from_slice(text.split_once('\n').unwrap().0.as_bytes());
+            sample.push(b'\n');
+        }
+        sample.extend_from_slice(body.as_bytes());
+    }
+    let sample_path = dir.join("sample.csv");
+    std::fs::write(&sample_path, sample).unwrap();
+
+    let configs: [&[(&str, &str)]; 4] = [
+        // The example config of the chain test.
+        &[("rates", "USD:1.0,EUR:0.92"), ("target-currency", "EUR")],
+        // EUR -> GBP: 0.79 / 0.92 has no finite decimal, so one rounding.
+        &[
+            ("rates", " USD:1 , eur:0.92,GBP:0.79,"),
+            ("source-currency", "EUR"),
+            ("target-currency", "gbp"),
+        ],
+        // A rate of one half makes every odd cent a tie: to even.
+        &[("rates", "USD:1,HALF:0.5"), ("target-currency", "HALF")],
+        // USD -> JPY pushes the largest prices past NUMERIC(10,2): rejected.
+        &[("rates", "USD:1,JPY:151.5"), ("target-currency", "JPY")],
+    ];
+    for config in configs {
+        let mut outputs = Vec::new();
+        for (lang, component) in &stages {
+            let lines = plugin_test_json(component, &sample_path, config)
+                .unwrap_or_else(|e| panic!("{lang} {config:?}: {e}"));
+            outputs.push((lang, lines));
+        }
+        let (_, reference) = &outputs[0];
+        let rows = reference.len() - 1;
+        assert!(rows > 2000, "{config:?}: {rows} rows");
+        for (lang, lines) in &outputs[1..] {
+            assert_eq!(lines.len(), reference.len(), "{lang} {config:?}");
+            for (i, (a, b)) in reference.iter().zip(lines.iter()).take(rows).enumerate() {
+                assert_eq!(a, b, "{lang} differs from rust at row {i} with {config:?}");
+            }
+            let summary = |v: &serde_json::Value| {
+                let mut s = v["summary"].clone();
+                s.as_object_mut().unwrap().remove("events_per_second");
+                s
+            };
+            assert_eq!(
+                summary(&reference[rows]),
+                summary(&lines[rows]),
+                "{lang} {config:?}"
+            );
+        }
+        let summary = &reference[rows]["summary"];
+        assert!(
+            summary["changed"].as_u64().unwrap() > 1000,
+            "{config:?}: {summary}"
+        );
+        assert_eq!(summary["failed"], 0, "{config:?}: {summary}");
+    }
+
+    // Spot checks against values worked out by hand, so that three equal
+    // but wrong answers cannot pass.
+    let edge_rows = |config: &[(&str, &str)]| -> Vec<serde_json::Value> {
+        plugin_test_json(&stages[0].1, &sample_path, config).unwrap()[..edge.len()].to_vec()
+    };
+    let half = edge_rows(configs[2]);
+    let to = |row: &serde_json::Value| row["changes"][0]["to"].as_str().map(str::to_owned);
+    // 0.01 -> 0.005 -> 0 (to even); 0.03 -> 1.5 -> 2; 0.05 -> 2.5 -> 2; 12.25 -> 612.5 -> 612.
+    assert_eq!(half[0]["outcome"], "kept");
+    assert_eq!(to(&half[1]).as_deref(), Some("0"));
+    assert_eq!(to(&half[2]).as_deref(), Some("2"));
+    assert_eq!(to(&half[3]).as_deref(), Some("2"));
+    assert_eq!(to(&half[5]).as_deref(), Some("612"));
+    // 0.15 -> 7.5 -> 8.
+    assert_eq!(to(&half[4]).as_deref(), Some("8"));
+    let jpy = edge_rows(configs[3]);
+    // 9999999999 * 151.5 = 1514999999848.5 -> 1514999999848 (to even).
+    assert_eq!(jpy[6]["outcome"], "rejected");
+    assert_eq!(
+        jpy[6]["reason"],
+        "converted price 1514999999848 cents does not fit NUMERIC(10,2)"
+    );
+    // 660066.00 USD is the last whole-dollar price that still fits in yen.
+    assert_eq!(to(&jpy[7]).as_deref(), Some("9999999900"));
+    assert_eq!(
+        jpy[8]["reason"],
+        "converted price 10000000052 cents does not fit NUMERIC(10,2)"
+    );
+
+    // The same refusals, word for word, for a bad config.
+    let bad: [(&[(&str, &str)], &str); 6] = [
+        (
+            &[("colour", "red")],
+            "unknown config key \"colour\" (known: rates, source-currency, target-currency)",
+        ),
+        (
+            &[("rates", "USD:1")],
+            "config needs rates and target-currency",
+        ),
+        (
+            &[("rates", "USD:1"), ("target-currency", "JPY")],
+            "no rate for currency JPY in rates",
+        ),
+        (
+            &[("rates", "USD:1,EUR:1e3"), ("target-currency", "EUR")],
+            "rate for EUR is not a decimal number like 0.92 (at most 9 decimals): \"1e3\"",
+        ),
+        (
+            &[("rates", "USD:1,EUR:0.000"), ("target-currency", "EUR")],
+            "rate for EUR must be positive, not 0.000",
+        ),
+        (
+            &[("rates", "USD:1,€:1"), ("target-currency", "EUR")],
+            "currency \"€\" is not made of letters A-Z",
+        ),
+    ];
+    for (config, message) in bad {
+        for (lang, component) in &stages {
+            let err = plugin_test_json(component, &sample_path, config)
+                .err()
+                .unwrap_or_else(|| panic!("{lang} accepted {config:?}"));
+            assert!(
+                err.contains(&format!("init failed: {message}")),
+                "{lang} {config:?}: {err}"
+            );
+        }
     }
 }

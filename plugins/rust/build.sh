@@ -10,7 +10,10 @@ cd "$here"
 cargo build --release --target wasm32-wasip2 --quiet
 target="${CARGO_TARGET_DIR:-$here/target}/wasm32-wasip2/release"
 mkdir -p "$out"
-for stage in transform dedup; do
-  cp "$target/$stage.wasm" "$out/.$stage.wasm.tmp"
+# crate:installed name. The Rust currency stage is installed under its own
+# name beside the Python one (currency.wasm) it mirrors.
+for pair in transform:transform dedup:dedup currency:currency_rust; do
+  crate="${pair%%:*}" stage="${pair#*:}"
+  cp "$target/$crate.wasm" "$out/.$stage.wasm.tmp"
   mv "$out/.$stage.wasm.tmp" "$out/$stage.wasm"
 done

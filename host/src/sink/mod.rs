@@ -2,9 +2,15 @@
 //! quarantined records, the file positions it reached, stage snapshots
 //! (when due) and a batch record. Either all of it is committed or none.
 //!
-//! Rows go by binary COPY into a per-connection staging table and then
-//! into `ecommerce_events` with ON CONFLICT (event_id) DO NOTHING, so a
-//! row the table already has is never doubled.
+//! Rows go by binary COPY straight into `ecommerce_events`: the fast path,
+//! as fast as PostgreSQL can load. A batch that holds a row the table
+//! already has (only a replay after a crash, or a duplicate a stage let
+//! through, can) fails that COPY with a unique violation; the transaction
+//! is then rolled back and the batch goes by binary COPY into a
+//! per-connection staging table and `INSERT .. ON CONFLICT (event_id) DO
+//! NOTHING`, so the row is never doubled. After a conflict the next
+//! batches take the staging path directly: conflicts come in runs (a
+//! replay), and a failed COPY wastes the work it did.
 //!
 //! When the database is unreachable the sink keeps the batch, retries
 //! with capped exponential backoff and jitter, and reports itself
@@ -22,6 +28,7 @@ use std::time::{Duration, Instant};
 use futures_util::SinkExt;
 use rand::RngExt;
 use serde_json::json;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use crate::batch::{Malformed, Origin, Position};
@@ -52,6 +59,8 @@ pub enum SinkError {
 pub struct Commit {
     pub id: uuid::Uuid,
     pub opened: Option<Instant>,
+    /// Time the source spent reading and parsing the batch.
+    pub read_time: Duration,
     pub rows_in: usize,
     pub events: Vec<Event>,
     pub malformed: Vec<Malformed>,
@@ -78,7 +87,12 @@ pub struct Committed {
 pub struct Sink {
     url: String,
     client: Option<Client>,
+    /// Batches still to send through staging after the last conflict.
+    staging_for: u32,
 }
+
+/// How many batches go through staging after a conflict on the fast path.
+const STAGING_AFTER_CONFLICT: u32 = 8;
 
 impl Sink {
     /// Connects, creates the schema if absent and takes the host lock.
@@ -87,6 +101,7 @@ impl Sink {
         let mut sink = Sink {
             url: url.to_owned(),
             client: None,
+            staging_for: 0,
         };
         let deadline = Instant::now() + patience;
         let mut backoff = Backoff::default();
@@ -175,7 +190,18 @@ impl Sink {
                         });
                     }
                 }
-                write(client, commit).await
+                if self.staging_for > 0 {
+                    self.staging_for -= 1;
+                    return write(client, commit, Path::Staging).await;
+                }
+                match write(client, commit, Path::Direct).await {
+                    Err(SinkError::Db(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                        tracing::debug!(batch = %commit.id, "batch holds rows the table has; writing it through staging");
+                        self.staging_for = STAGING_AFTER_CONFLICT;
+                        write(client, commit, Path::Staging).await
+                    }
+                    other => other,
+                }
             };
             match attempt.await {
                 Ok(done) => {
@@ -196,12 +222,33 @@ impl Sink {
     }
 }
 
+/// How a batch's rows reach the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// COPY into the table; fails on a row it already has.
+    Direct,
+    /// COPY into staging, then INSERT .. ON CONFLICT DO NOTHING.
+    Staging,
+}
+
 /// One attempt: the whole batch in one transaction.
-async fn write(client: &mut Client, c: &Commit) -> Result<Committed, SinkError> {
+async fn write(client: &mut Client, c: &Commit, path: Path) -> Result<Committed, SinkError> {
+    let started = Instant::now();
     let tx = client.transaction().await?;
 
     let (written, conflicting) = if c.events.is_empty() {
         (0, 0)
+    } else if path == Path::Direct {
+        let sink = tx
+            .copy_in(
+                "COPY ecommerce_events (event_id, user_id, event_type, product_id, price, event_time) \
+                 FROM STDIN (FORMAT binary)",
+            )
+            .await?;
+        futures_util::pin_mut!(sink);
+        sink.send(copy::encode_events(&c.events)).await?;
+        let written = sink.finish().await?;
+        (written, 0)
     } else {
         let sink = tx
             .copy_in("COPY staging FROM STDIN (FORMAT binary)")
@@ -236,11 +283,13 @@ async fn write(client: &mut Client, c: &Commit) -> Result<Committed, SinkError> 
         .opened
         .map(|t| t.elapsed().as_secs_f64() * 1000.0)
         .unwrap_or(0.0);
+    let read_ms = c.read_time.as_secs_f64() * 1000.0;
+    let write_ms = started.elapsed().as_secs_f64() * 1000.0;
     let batch_id: i64 = tx
         .query_one(
             "INSERT INTO pipeline.batches (batch_uuid, files, rows_in, rows_written, rows_conflicting,
-                 rows_malformed, rows_rejected, rows_failed, rows_dropped, stages, latency_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING batch_id",
+                 rows_malformed, rows_rejected, rows_failed, rows_dropped, stages, latency_ms, read_ms, write_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING batch_id",
             &[
                 &c.id,
                 &files,
@@ -253,6 +302,8 @@ async fn write(client: &mut Client, c: &Commit) -> Result<Committed, SinkError> 
                 &(c.dropped as i32),
                 &stages,
                 &latency_ms,
+                &read_ms,
+                &write_ms,
             ],
         )
         .await?

@@ -35,7 +35,6 @@ pub(super) struct Tracked {
     parser: FileParser,
     /// The last error reported, so a persistent one is logged once.
     last_error: Option<String>,
-    buf: Vec<u8>,
 }
 
 impl Tracked {
@@ -59,7 +58,6 @@ impl Tracked {
             line,
             parser,
             last_error: None,
-            buf: Vec::new(),
         }
     }
 
@@ -79,9 +77,13 @@ impl Tracked {
     }
 
     /// Reads every complete record added since the last call. Returns
-    /// whether anything was consumed.
+    /// whether anything was consumed. `buf` is scratch space shared by all
+    /// files (nothing in it outlives the call: an incomplete last record
+    /// is read again from `offset` next time), so memory does not grow
+    /// with the number of files in the folder.
     pub(super) fn read_new(
         &mut self,
+        buf: &mut Vec<u8>,
         meta: &std::fs::Metadata,
         config: &SourceConfig,
         outlet: &mut Outlet,
@@ -110,20 +112,20 @@ impl Tracked {
         let mut remaining = len - self.offset;
         let mut want = config.chunk;
         let mut progressed = false;
-        self.buf.clear();
+        buf.clear();
         while remaining > 0 && !shutdown.load(Ordering::Relaxed) && !outlet.closed {
-            let start = self.buf.len();
+            let start = buf.len();
             let take = (want.saturating_sub(start) as u64).min(remaining) as usize;
-            self.buf.resize(start + take, 0);
-            let got = read_full(&mut file, &mut self.buf[start..])?;
-            self.buf.truncate(start + got);
+            buf.resize(start + take, 0);
+            let got = read_full(&mut file, &mut buf[start..])?;
+            buf.truncate(start + got);
             remaining = remaining.saturating_sub(got as u64);
             let at_end = got == 0 || remaining == 0;
             let is_final = at_end && settled;
             let upto = if is_final {
-                self.buf.len()
+                buf.len()
             } else {
-                match self.buf.iter().rposition(|&b| b == b'\n') {
+                match buf.iter().rposition(|&b| b == b'\n') {
                     Some(i) => i + 1,
                     None => 0,
                 }
@@ -131,16 +133,16 @@ impl Tracked {
             let (used, lines) = if upto == 0 {
                 (0, 0)
             } else {
-                self.parse(upto, is_final, outlet)
+                self.parse(&buf[..upto], is_final, outlet)
             };
             if used > 0 {
                 progressed = true;
                 self.offset += used as u64;
                 self.line += lines;
-                self.buf.drain(..used);
+                buf.drain(..used);
             } else if at_end {
                 break;
-            } else if self.buf.len() >= want {
+            } else if buf.len() >= want {
                 // One record is longer than the chunk: read more of it.
                 want *= 2;
             }
@@ -148,16 +150,19 @@ impl Tracked {
                 break;
             }
         }
+        // A record longer than the chunk grew the buffer; give that back.
+        if buf.capacity() > 4 * config.chunk {
+            *buf = Vec::new();
+        }
         self.last_error = None;
         Ok(progressed)
     }
 
-    fn parse(&mut self, upto: usize, is_final: bool, outlet: &mut Outlet) -> (usize, u64) {
+    fn parse(&mut self, chunk: &[u8], is_final: bool, outlet: &mut Outlet) -> (usize, u64) {
         let base_offset = self.offset;
         let base_line = self.line;
         let path = &self.path;
         let key = &self.key;
-        let chunk = &self.buf[..upto];
         self.parser.parse(chunk, base_line + 1, is_final, |parsed| {
             let position = Position {
                 key: key.clone(),

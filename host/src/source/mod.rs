@@ -92,6 +92,8 @@ pub struct Source {
     committed: HashMap<String, Position>,
     tracked: HashMap<String, Tracked>,
     shutdown: Arc<AtomicBool>,
+    /// Read buffer, reused for every file.
+    buf: Vec<u8>,
 }
 
 impl Source {
@@ -107,6 +109,7 @@ impl Source {
             committed,
             tracked: HashMap::new(),
             shutdown,
+            buf: Vec::new(),
         }
     }
 
@@ -192,7 +195,7 @@ impl Source {
             if self.shutdown.load(Ordering::Relaxed) || outlet.closed {
                 break;
             }
-            match tracked.read_new(&meta, &self.config, outlet, &self.shutdown) {
+            match tracked.read_new(&mut self.buf, &meta, &self.config, outlet, &self.shutdown) {
                 Ok(read) => progressed |= read,
                 Err(e) => tracked.report_error(e),
             }

@@ -34,6 +34,21 @@ pub enum StageError {
     Load { path: PathBuf, message: String },
     #[error("component {path} does not fit the plugin world: {message}")]
     WrongWorld { path: PathBuf, message: String },
+    #[error(
+        "component {path} targets {found} (it {direction} `{name}`), which this host does not load: \
+         it supports {supported}. Rebuild the plugin against this host's wit/pipeline.wit ({package}), \
+         or run a host that supports the plugin's version",
+        supported = runtime::WIT_SUPPORTED,
+        package = runtime::WIT_PACKAGE
+    )]
+    UnsupportedWit {
+        path: PathBuf,
+        /// `ecommerce:pipeline@0.2.0`, as the component's names give it.
+        found: String,
+        /// The import or export name that shows it.
+        name: String,
+        direction: &'static str,
+    },
     #[error("stage {stage}: init failed: {message}")]
     Init { stage: String, message: String },
     #[error("stage {stage}: trapped in {message}")]
@@ -59,6 +74,7 @@ impl StageError {
             StageError::Engine(_) => "engine",
             StageError::Load { .. } => "load",
             StageError::WrongWorld { .. } => "wrong_world",
+            StageError::UnsupportedWit { .. } => "wit_version",
             StageError::Init { .. } => "init",
             StageError::Trap { .. } => "trap",
             StageError::TimeLimit { .. } => "time_limit",

@@ -26,8 +26,15 @@ use super::StageError;
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// The WIT package version this host implements; plugins built for any
-/// `0.1.x` load.
+/// `0.1.x` load (see [`wit_version_supported`]).
 pub const WIT_PACKAGE: &str = "ecommerce:pipeline@0.1.0";
+
+/// What the host loads, as the refusal of another version says it.
+pub const WIT_SUPPORTED: &str = "ecommerce:pipeline 0.1.x (0.1.0 and any later 0.1 patch release)";
+
+/// Every import or export name of the package starts with this, then
+/// the interface name and `@version`: `ecommerce:pipeline/stage@0.1.0`.
+const WIT_NAME_PREFIX: &str = "ecommerce:pipeline/";
 
 /// Per-instance data owned by a wasmtime `Store`.
 pub struct StoreData {
@@ -101,6 +108,9 @@ pub struct LoadedComponent {
     pub pre: PluginPre<StoreData>,
     /// True when the compiled code came from the cache.
     pub cached: bool,
+    /// The `ecommerce:pipeline` version the component was built for (the
+    /// highest in its import and export names): `0.1.0`, `0.1.1`, ...
+    pub wit_version: String,
     pub load_time: Duration,
 }
 
@@ -237,20 +247,61 @@ impl Runtime {
             }
         };
 
+        // The version check comes first: a plugin for another version
+        // usually fails the type checks below too, and "built for 0.2.0"
+        // is what its author needs to hear, not which function differs.
+        let ty = component.component_type();
+        // Exports first: `…/stage@0.2.0` names the version more plainly
+        // than the `…/types@0.2.0` import that comes with it.
+        let names = ty
+            .exports(&self.engine)
+            .map(|(name, _)| (Direction::Exports, name))
+            .chain(
+                ty.imports(&self.engine)
+                    .map(|(name, _)| (Direction::Imports, name)),
+            );
+        let target = wit_target(names).map_err(|refused| StageError::UnsupportedWit {
+            path: path.to_owned(),
+            found: refused.found,
+            name: refused.name,
+            direction: refused.direction.as_str(),
+        })?;
+        let wit_version = target
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), |v| v.to_string());
+        // A plugin for a later 0.1 patch that fails a check below may be
+        // using something that patch added: say so.
+        let newer_hint = match &target {
+            Some(v) if *v > host_wit_version() => format!(
+                "; it was built for ecommerce:pipeline@{v}, newer than this host's {WIT_PACKAGE}: \
+                 it may use an addition of {v}, so rebuild it against this host's wit/ or upgrade the host"
+            ),
+            _ => String::new(),
+        };
+
+        // Imports are matched by name, semver-aware (`NameMap::get`, via
+        // `alternate_lookup_key`): an import of `…/types@0.1.1` finds what
+        // the linker holds as `…@0.1.0`. `types` holds only records, which
+        // link to nothing (the type checker skips type exports); their
+        // shape is checked where they are used, in the `stage` signatures.
         let pre = self
             .linker
             .instantiate_pre(&component)
             .map_err(|e| StageError::WrongWorld {
                 path: path.to_owned(),
                 message: format!(
-                    "it imports something the host does not provide ({}); a stage may import only WASI 0.2 and `log`",
+                    "it imports something the host does not provide ({}); a stage may import only WASI 0.2 and `log`{newer_hint}",
                     error_text(&e)
                 ),
             })?;
+        // The typed bindings look the export up as `…/stage@0.1.0`;
+        // wasmtime's export map answers that with the component's
+        // `…/stage@0.1.z` of the same 0.1 track (the same `NameMap`
+        // rule), then checks each function's type.
         let pre = PluginPre::new(pre).map_err(|e| StageError::WrongWorld {
             path: path.to_owned(),
             message: format!(
-                "it does not export the `stage` interface of {WIT_PACKAGE} ({})",
+                "it does not export the `stage` interface of {WIT_PACKAGE} ({}){newer_hint}",
                 error_text(&e)
             ),
         })?;
@@ -259,9 +310,93 @@ impl Runtime {
             hash,
             pre,
             cached,
+            wit_version,
             load_time: started.elapsed(),
         })
     }
+}
+
+/// Whether a plugin built for `ecommerce:pipeline@{version}` loads in
+/// this host: the same `0.1` track, not a pre-release. It is the rule by
+/// which wasmtime's name maps match `…@0.1.0` to `…@0.1.z`
+/// (`wasmtime_environ::component::names::alternate_lookup_key`: for a
+/// `0.x` version the track is `0.x`, for `x.y` with `x > 0` it is `x`, a
+/// pre-release matches nothing else), so what this accepts the typed
+/// bindings then find, and what it refuses they would not.
+pub fn wit_version_supported(version: &semver::Version) -> bool {
+    let host = host_wit_version();
+    version.major == host.major && version.minor == host.minor && version.pre.is_empty()
+}
+
+/// The version in [`WIT_PACKAGE`].
+fn host_wit_version() -> semver::Version {
+    // A unit test parses it, so the fallback is never taken.
+    WIT_PACKAGE
+        .rsplit_once('@')
+        .and_then(|(_, v)| semver::Version::parse(v).ok())
+        .unwrap_or_else(|| semver::Version::new(0, 1, 0))
+}
+
+/// Whether a name is one the component imports or exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Imports,
+    Exports,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Imports => "imports",
+            Direction::Exports => "exports",
+        }
+    }
+}
+
+/// The first name of the package that this host cannot serve.
+#[derive(Debug, PartialEq, Eq)]
+struct Refused {
+    /// `ecommerce:pipeline@0.2.0`, or a description when there is no
+    /// usable version.
+    found: String,
+    name: String,
+    direction: Direction,
+}
+
+/// The `ecommerce:pipeline` version a component targets, read from its
+/// import and export names of the package (`…/stage@0.1.1`,
+/// `…/types@0.1.1`): the highest one, or `None` if it names none (then
+/// the world checks say what is missing). Refuses the first name whose
+/// version this host does not support.
+fn wit_target<'a>(
+    names: impl Iterator<Item = (Direction, &'a str)>,
+) -> Result<Option<semver::Version>, Refused> {
+    let mut highest: Option<semver::Version> = None;
+    for (direction, name) in names {
+        let Some(rest) = name.strip_prefix(WIT_NAME_PREFIX) else {
+            continue;
+        };
+        let refuse = |found: String| Refused {
+            found,
+            name: name.to_owned(),
+            direction,
+        };
+        let Some((_, version)) = rest.split_once('@') else {
+            return Err(refuse("ecommerce:pipeline without a version".into()));
+        };
+        let parsed = semver::Version::parse(version).map_err(|_| {
+            refuse(format!(
+                "ecommerce:pipeline@{version}, not a semver version"
+            ))
+        })?;
+        if !wit_version_supported(&parsed) {
+            return Err(refuse(format!("ecommerce:pipeline@{version}")));
+        }
+        if highest.as_ref().is_none_or(|h| parsed > *h) {
+            highest = Some(parsed);
+        }
+    }
+    Ok(highest)
 }
 
 /// The whole chain of a wasmtime error on one line.
@@ -276,4 +411,85 @@ fn hex(bytes: &[u8]) -> String {
         let _ = write!(out, "{b:02x}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(names: &[(Direction, &str)]) -> Result<Option<String>, Refused> {
+        wit_target(names.iter().copied()).map(|v| v.map(|v| v.to_string()))
+    }
+
+    fn refused(name: &str) -> String {
+        target(&[(Direction::Exports, name)]).unwrap_err().found
+    }
+
+    #[test]
+    fn the_host_version_parses() {
+        let host = WIT_PACKAGE.rsplit_once('@').unwrap().1;
+        assert_eq!(host_wit_version(), semver::Version::parse(host).unwrap());
+        assert!(wit_version_supported(&host_wit_version()));
+    }
+
+    #[test]
+    fn later_patches_of_the_same_track_load() {
+        use Direction::*;
+        assert_eq!(
+            target(&[
+                (Imports, "log"),
+                (Imports, "wasi:io/streams@0.2.6"),
+                (Imports, "ecommerce:pipeline/types@0.1.1"),
+                (Exports, "ecommerce:pipeline/stage@0.1.1"),
+            ]),
+            Ok(Some("0.1.1".into()))
+        );
+        assert_eq!(
+            target(&[(Exports, "ecommerce:pipeline/stage@0.1.0")]),
+            Ok(Some("0.1.0".into()))
+        );
+        assert_eq!(
+            target(&[(Exports, "ecommerce:pipeline/stage@0.1.17+build.5")]),
+            Ok(Some("0.1.17+build.5".into()))
+        );
+        // Names of other packages are the linker's business.
+        assert_eq!(target(&[(Exports, "other:thing/hello@2.0.0")]), Ok(None));
+    }
+
+    #[test]
+    fn other_versions_are_refused_with_what_they_target() {
+        assert_eq!(
+            refused("ecommerce:pipeline/stage@0.2.0"),
+            "ecommerce:pipeline@0.2.0"
+        );
+        assert_eq!(
+            refused("ecommerce:pipeline/stage@1.0.0"),
+            "ecommerce:pipeline@1.0.0"
+        );
+        assert_eq!(
+            refused("ecommerce:pipeline/stage@0.0.1"),
+            "ecommerce:pipeline@0.0.1"
+        );
+        // A pre-release promises nothing, not even to its own track.
+        assert_eq!(
+            refused("ecommerce:pipeline/stage@0.1.1-rc.1"),
+            "ecommerce:pipeline@0.1.1-rc.1"
+        );
+        assert_eq!(
+            refused("ecommerce:pipeline/stage"),
+            "ecommerce:pipeline without a version"
+        );
+        assert_eq!(
+            refused("ecommerce:pipeline/stage@next"),
+            "ecommerce:pipeline@next, not a semver version"
+        );
+        // The import side counts as much as the export.
+        let mixed = target(&[
+            (Direction::Imports, "ecommerce:pipeline/types@0.2.1"),
+            (Direction::Exports, "ecommerce:pipeline/stage@0.1.0"),
+        ])
+        .unwrap_err();
+        assert_eq!(mixed.direction, Direction::Imports);
+        assert_eq!(mixed.name, "ecommerce:pipeline/types@0.2.1");
+    }
 }

@@ -22,7 +22,8 @@ pub fn plugins_dir() -> PathBuf {
     BUILT
         .get_or_init(|| {
             let dir = repo().join("plugins");
-            if !dir.join("transform.wasm").exists() || !dir.join("dedup.wasm").exists() {
+            let rust = ["transform.wasm", "dedup.wasm", "currency_rust.wasm"];
+            if !rust.iter().all(|stage| dir.join(stage).exists()) {
                 let status = Command::new("bash")
                     .arg(dir.join("rust/build.sh"))
                     .status()

@@ -63,12 +63,114 @@ impl Config {
     }
 }
 
+/// An id as the seen-set holds it. The host hands over ids as canonical
+/// UUID text (lowercase, hyphenated): those are packed into 16 bytes, so
+/// remembering an id allocates nothing and compares in one instruction.
+/// Any other text is kept as it is (equality stays exact either way:
+/// only text that formats back to itself is packed).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Uuid(u128),
+    Text(Box<str>),
+}
+
+impl Key {
+    fn new(id: &str) -> Key {
+        match pack_uuid(id.as_bytes()) {
+            Some(bits) => Key::Uuid(bits),
+            None => Key::Text(id.into()),
+        }
+    }
+
+    fn write_text(&self, out: &mut Vec<u8>) {
+        match self {
+            Key::Uuid(bits) => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                let mut text = [0u8; 36];
+                let mut nibble = 32;
+                for (i, byte) in text.iter_mut().enumerate() {
+                    if matches!(i, 8 | 13 | 18 | 23) {
+                        *byte = b'-';
+                    } else {
+                        nibble -= 1;
+                        *byte = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
+                    }
+                }
+                out.extend_from_slice(&text);
+            }
+            Key::Text(text) => out.extend_from_slice(text.as_bytes()),
+        }
+    }
+
+    fn text_len(&self) -> usize {
+        match self {
+            Key::Uuid(_) => 36,
+            Key::Text(text) => text.len(),
+        }
+    }
+}
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in lowercase hex, as 128 bits.
+fn pack_uuid(text: &[u8]) -> Option<u128> {
+    if text.len() != 36 {
+        return None;
+    }
+    let mut bits = 0u128;
+    for (i, &c) in text.iter().enumerate() {
+        let digit = match (i, c) {
+            (8 | 13 | 18 | 23, b'-') => continue,
+            (8 | 13 | 18 | 23, _) => return None,
+            (_, b'0'..=b'9') => c - b'0',
+            (_, b'a'..=b'f') => c - b'a' + 10,
+            _ => return None,
+        };
+        bits = bits << 4 | digit as u128;
+    }
+    Some(bits)
+}
+
+/// A multiply-rotate hasher (the Fx hash of rustc): ids are random, so the
+/// default SipHash buys nothing here and costs most of the stage's time.
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.write_u64(n as u64);
+        self.write_u64((n >> 64) as u64);
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(n as u64);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn write_isize(&mut self, n: isize) {
+        self.write_u64(n as u64);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FxHasher>>;
+
 /// The seen-set: ids with their event time, in insertion order.
 #[derive(Debug, Default)]
 pub struct Dedup {
     pub config: Config,
-    seen: HashMap<String, i64>,
-    order: VecDeque<String>,
+    seen: FastMap<Key, i64>,
+    order: VecDeque<Key>,
     newest: i64,
 }
 
@@ -91,14 +193,18 @@ impl Dedup {
 
     /// True when the event is new (keep it), false for a duplicate.
     pub fn admit(&mut self, id: &str, time: i64) -> bool {
-        if let Some(&seen_at) = self.seen.get(id) {
+        self.admit_key(Key::new(id), time)
+    }
+
+    fn admit_key(&mut self, key: Key, time: i64) -> bool {
+        if let Some(&seen_at) = self.seen.get(&key) {
             if self.newest.saturating_sub(seen_at) <= self.config.window_us {
                 return false;
             }
         }
         self.newest = self.newest.max(time);
-        if self.seen.insert(id.to_owned(), time).is_none() {
-            self.order.push_back(id.to_owned());
+        if self.seen.insert(key.clone(), time).is_none() {
+            self.order.push_back(key);
         }
         self.evict();
         true
@@ -126,10 +232,10 @@ impl Dedup {
         out.push(FORMAT_VERSION);
         out.extend_from_slice(&self.newest.to_le_bytes());
         out.extend_from_slice(&(self.order.len() as u32).to_le_bytes());
-        for id in &self.order {
-            out.extend_from_slice(&(id.len() as u16).to_le_bytes());
-            out.extend_from_slice(id.as_bytes());
-            out.extend_from_slice(&self.seen.get(id).copied().unwrap_or(0).to_le_bytes());
+        for key in &self.order {
+            out.extend_from_slice(&(key.text_len() as u16).to_le_bytes());
+            key.write_text(&mut out);
+            out.extend_from_slice(&self.seen.get(key).copied().unwrap_or(0).to_le_bytes());
         }
         out
     }
@@ -163,8 +269,8 @@ impl Dedup {
             ) as usize;
             at += 2;
             let id = std::str::from_utf8(state.get(at..at + len).ok_or_else(truncated)?)
-                .map_err(|_| "dedup snapshot holds an id that is not UTF-8".to_string())?
-                .to_owned();
+                .map_err(|_| "dedup snapshot holds an id that is not UTF-8".to_string())?;
+            let key = Key::new(id);
             at += len;
             let time = i64::from_le_bytes(
                 state
@@ -174,8 +280,8 @@ impl Dedup {
                     .map_err(|_| truncated())?,
             );
             at += 8;
-            if fresh.seen.insert(id.clone(), time).is_none() {
-                fresh.order.push_back(id);
+            if fresh.seen.insert(key.clone(), time).is_none() {
+                fresh.order.push_back(key);
             }
         }
         if at != state.len() {
@@ -200,6 +306,33 @@ mod tests {
         assert!(!d.admit("a", 1));
         assert!(d.admit("b", 2));
         assert!(!d.admit("a", 3));
+    }
+
+    #[test]
+    fn uuids_are_packed_and_written_back_exactly() {
+        let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let key = Key::new(id);
+        assert!(matches!(key, Key::Uuid(_)));
+        let mut text = Vec::new();
+        key.write_text(&mut text);
+        assert_eq!(text, id.as_bytes());
+        // Not canonical: kept as text, so equality stays exact.
+        for other in [
+            "0F8FAD5B-D9CB-469F-A165-70867728950E",
+            "id-1",
+            "0f8fad5bd9cb469fa16570867728950e",
+        ] {
+            assert!(matches!(Key::new(other), Key::Text(_)), "{other}");
+        }
+        let mut d = Dedup::new(Config::default());
+        assert!(d.admit(id, 1));
+        assert!(d.admit("0F8FAD5B-D9CB-469F-A165-70867728950E", 1));
+        assert!(!d.admit(id, 2));
+        let mut e = Dedup::new(Config::default());
+        e.restore(&d.snapshot()).unwrap();
+        assert!(!e.admit(id, 3));
+        assert!(!e.admit("0F8FAD5B-D9CB-469F-A165-70867728950E", 3));
+        assert_eq!(e.snapshot(), d.snapshot());
     }
 
     #[test]

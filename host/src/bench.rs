@@ -1,0 +1,680 @@
+//! `host bench`: measures the pipeline against what PostgreSQL itself can
+//! do, in one run on one server, and prints a table (and JSON, to compare
+//! commits).
+//!
+//! 1. generates the events into files (as `host generate` does);
+//! 2. the ceiling: one binary `COPY` of the same rows, in the same order,
+//!    into an empty copy of the table (with `--preload`, into a copy that
+//!    already holds that many rows, like the pipeline's table);
+//! 3. the pipeline: `host run --once` over the files, with the plugins
+//!    folder's stages, into the table; events/s, the ratio to the ceiling,
+//!    time per part (from the batch records) and the peak RSS;
+//! 4. start-up: `host run` started with one file waiting, until its rows
+//!    are visible (compiled components cached; the database is external);
+//! 5. latency: files renamed into the input folder of a running host, at
+//!    the generator's rate and at 10,000 events/s; per file, the time from
+//!    the rename until its last row is visible to another connection;
+//!    p50, p99, max; and the host's RSS while idle.
+//!
+//! Same order matters: the rows arrive in random `event_id` order, so
+//! every insert lands on a random page of the primary key's B-tree. COPY
+//! of the same rows sorted by key only ever appends to the right-most
+//! page and is ~2-3x faster; that is not a ceiling the pipeline could
+//! reach without sorting its whole input first.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures_util::SinkExt;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use tokio_postgres::{Client, NoTls};
+
+use crate::generate::{GenerateConfig, Generator};
+use crate::parse::FileParser;
+use crate::sink::{copy, schema};
+use crate::stage::Event;
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub events: usize,
+    pub events_per_file: usize,
+    pub duplicate_rate: f64,
+    pub preload: usize,
+    pub admin_url: String,
+    pub plugins: PathBuf,
+    pub work_dir: PathBuf,
+    pub latency_seconds: u64,
+    pub batch_size: Option<usize>,
+    pub output: PathBuf,
+}
+
+impl BenchConfig {
+    /// `host run` with the settings every run of the benchmark shares.
+    fn host_run(&self, host: &Path, input: &Path, state: &Path, url: &str) -> Command {
+        let mut cmd = Command::new(host);
+        cmd.args(["run", "--metrics-addr", "off", "--plugins"])
+            .arg(&self.plugins)
+            .arg("--input")
+            .arg(input)
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--database-url", url])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null());
+        if let Some(n) = self.batch_size {
+            cmd.args(["--batch-size", &n.to_string()]);
+        }
+        cmd
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub commit: String,
+    pub events: usize,
+    pub preload: usize,
+    pub rows_written: i64,
+    pub ceiling_s: f64,
+    pub ceiling_eps: f64,
+    pub pipeline_s: f64,
+    pub pipeline_eps: f64,
+    pub ratio: f64,
+    /// Sums over the batch records; the parts overlap in time.
+    pub read_parse_s: f64,
+    pub stage_s: Vec<(String, f64)>,
+    pub database_s: f64,
+    pub batches: i64,
+    pub peak_rss_mb: f64,
+    pub startup_ms: Option<f64>,
+    pub latency: Vec<Latency>,
+    pub idle_rss_mb: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub rate: String,
+    pub files: usize,
+    pub events_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+pub fn run(config: BenchConfig) -> anyhow::Result<Report> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let host = std::env::current_exe().context("cannot find the host binary")?;
+    let _ = std::fs::remove_dir_all(&config.work_dir);
+    let input = config.work_dir.join("input");
+    std::fs::create_dir_all(&input)
+        .with_context(|| format!("cannot create {}", input.display()))?;
+
+    let mut report = Report {
+        commit: git_commit(),
+        events: config.events,
+        preload: config.preload,
+        ..Report::default()
+    };
+
+    eprintln!(
+        "generating {} events into {}",
+        config.events,
+        input.display()
+    );
+    let files = config.events.div_ceil(config.events_per_file.max(1));
+    let mut generator = Generator::new(GenerateConfig {
+        output: input.clone(),
+        interval: Duration::ZERO,
+        events_per_file: config.events_per_file,
+        files: Some(files as u64),
+        duplicate_rate: config.duplicate_rate,
+        invalid_rate: 0.0,
+        seed: Some(1),
+    });
+    for _ in 0..files {
+        generator
+            .write_file()
+            .context("cannot write the input files")?;
+    }
+    let rows = distinct_rows_in_order(&input)?;
+
+    let db = format!("bench_{}", std::process::id());
+    let url = database_url(&config.admin_url, &db);
+    runtime.block_on(async {
+        let admin = connect(&config.admin_url).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+            .await?;
+        drop(admin);
+        let admin = connect(&config.admin_url).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .with_context(|| format!("cannot create database {db}"))?;
+        let client = connect(&url).await?;
+        prepare_tables(&client, config.preload).await?;
+        eprintln!("ceiling: COPY of {} rows", rows.len());
+        let started = Instant::now();
+        copy_rows(&client, "ceiling", &rows).await?;
+        report.ceiling_s = started.elapsed().as_secs_f64();
+        anyhow::Ok(())
+    })?;
+    report.ceiling_eps = rows.len() as f64 / report.ceiling_s;
+    drop(rows);
+
+    eprintln!("pipeline: host run --once over {files} files");
+    let state = config.work_dir.join("state");
+    let started = Instant::now();
+    let child = config
+        .host_run(&host, &input, &state, &url)
+        .arg("--once")
+        .spawn()
+        .context("cannot start host run")?;
+    let (status, peak_kb) = wait_with_peak_rss(child)?;
+    report.pipeline_s = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("host run --once failed ({status})");
+    }
+    report.pipeline_eps = config.events as f64 / report.pipeline_s;
+    report.ratio = report.pipeline_eps / report.ceiling_eps;
+    report.peak_rss_mb = peak_kb as f64 / 1024.0;
+    runtime.block_on(parts(&url, config.preload, &mut report))?;
+
+    if config.latency_seconds > 0 {
+        runtime.block_on(async {
+            let admin = connect(&config.admin_url).await?;
+            admin.batch_execute(&format!("DROP DATABASE {db}")).await?;
+            admin
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await?;
+            anyhow::Ok(())
+        })?;
+        live(&config, &host, &state, &url, &runtime, &mut report)?;
+    }
+
+    runtime.block_on(async {
+        let admin = connect(&config.admin_url).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+            .await?;
+        anyhow::Ok(())
+    })?;
+    print(&report);
+    if let Some(dir) = config.output.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(&config.output, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", config.output.display()))?;
+    println!("written: {}", config.output.display());
+    Ok(report)
+}
+
+/// The rows the table must end up with, in the order the pipeline meets
+/// them: every valid record, first occurrence of each id.
+fn distinct_rows_in_order(input: &Path) -> anyhow::Result<Vec<Event>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(input)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    let mut seen = HashSet::new();
+    let mut rows = Vec::new();
+    for file in files {
+        let data = std::fs::read(&file)?;
+        let mut parser = FileParser::default();
+        parser.parse(&data, 1, true, |parsed| {
+            if let Ok(event) = parsed.result {
+                if seen.insert(event.event_id.clone()) {
+                    rows.push(event);
+                }
+            }
+        });
+    }
+    Ok(rows)
+}
+
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .with_context(|| format!("cannot connect to {}", crate::sink::redact(url)))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+fn database_url(admin: &str, db: &str) -> String {
+    match admin.rsplit_once('/') {
+        Some((base, _)) if base.contains("://") && !base.ends_with('/') => format!("{base}/{db}"),
+        _ => format!("{admin}/{db}"),
+    }
+}
+
+/// The ceiling table and the pipeline's table, both holding `preload`
+/// rows (the same ones) when asked. Loaded without the key, which is
+/// then built once: as fast as a fresh load gets.
+async fn prepare_tables(client: &Client, preload: usize) -> anyhow::Result<()> {
+    let columns = "event_id VARCHAR(36) NOT NULL, user_id INT NOT NULL, event_type VARCHAR(20) NOT NULL, \
+                   product_id INT NOT NULL, price NUMERIC(10,2) NOT NULL, event_time TIMESTAMP NOT NULL";
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE ceiling ({columns}); CREATE TABLE ecommerce_events ({columns});"
+        ))
+        .await?;
+    if preload > 0 {
+        eprintln!("preloading {preload} rows into both tables");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let mut chunk = Vec::with_capacity(100_000);
+        let mut left = preload;
+        while left > 0 {
+            chunk.clear();
+            for _ in 0..left.min(100_000) {
+                let bytes: [u8; 16] = rng.random();
+                chunk.push(Event {
+                    event_id: uuid::Builder::from_random_bytes(bytes)
+                        .into_uuid()
+                        .hyphenated()
+                        .to_string(),
+                    user_id: rng.random_range(1..10_000),
+                    event_type: "view".into(),
+                    product_id: rng.random_range(1..1_000),
+                    price_cents: rng.random_range(100..100_000),
+                    event_time: 1_767_225_600_000_000 + rng.random_range(0..1_000_000_000_000i64),
+                });
+            }
+            copy_rows(client, "ceiling", &chunk).await?;
+            left -= chunk.len();
+        }
+        client
+            .batch_execute("INSERT INTO ecommerce_events SELECT * FROM ceiling")
+            .await?;
+    }
+    for statement in [
+        "ALTER TABLE ceiling ADD PRIMARY KEY (event_id)",
+        "ALTER TABLE ecommerce_events ADD PRIMARY KEY (event_id)",
+        "VACUUM ANALYZE ceiling",
+        "VACUUM ANALYZE ecommerce_events",
+        "CHECKPOINT",
+    ] {
+        client.batch_execute(statement).await?;
+    }
+    // The host would create it the same way; this checks they agree.
+    client.batch_execute(schema::EVENTS_TABLE).await?;
+    Ok(())
+}
+
+/// One binary COPY of `rows` into `table`, sent in pieces.
+async fn copy_rows(client: &Client, table: &str, rows: &[Event]) -> anyhow::Result<()> {
+    let sink = client
+        .copy_in(&format!("COPY {table} FROM STDIN (FORMAT binary)"))
+        .await?;
+    futures_util::pin_mut!(sink);
+    for (i, part) in rows.chunks(10_000).enumerate() {
+        // The encoder writes a whole COPY stream; send the header once,
+        // the rows of every piece, and the trailer once.
+        let bytes = copy::encode_events(part);
+        let start = if i == 0 { 0 } else { copy::HEADER_LEN };
+        sink.send(bytes.slice(start..bytes.len() - copy::TRAILER_LEN))
+            .await?;
+    }
+    if rows.is_empty() {
+        let header = copy::encode_events(&[]).slice(..copy::HEADER_LEN);
+        sink.send(header).await?;
+    }
+    sink.send(bytes::Bytes::from_static(b"\xff\xff")).await?;
+    sink.finish().await?;
+    Ok(())
+}
+
+/// Per-part times from the batch records.
+async fn parts(url: &str, preload: usize, report: &mut Report) -> anyhow::Result<()> {
+    let client = connect(url).await?;
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM ecommerce_events", &[])
+        .await?
+        .get(0);
+    report.rows_written = rows - preload as i64;
+    let row = client
+        .query_one(
+            "SELECT count(*), coalesce(sum(read_ms), 0) / 1000, coalesce(sum(write_ms), 0) / 1000 FROM pipeline.batches",
+            &[],
+        )
+        .await?;
+    report.batches = row.get(0);
+    report.read_parse_s = row.get(1);
+    report.database_s = row.get(2);
+    for row in client
+        .query(
+            "SELECT s->>'name', sum((s->>'ms')::float8) / 1000 FROM pipeline.batches, jsonb_array_elements(stages) s
+             GROUP BY 1 ORDER BY min(batch_id)",
+            &[],
+        )
+        .await?
+    {
+        report.stage_s.push((row.get(0), row.get(1)));
+    }
+    Ok(())
+}
+
+/// Start-up, latency at two rates, and idle RSS, against a running host.
+fn live(
+    config: &BenchConfig,
+    host: &Path,
+    state: &Path,
+    url: &str,
+    runtime: &tokio::runtime::Runtime,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let input = config.work_dir.join("live");
+    let staging = config.work_dir.join("live-staging");
+    std::fs::create_dir_all(&input)?;
+    std::fs::create_dir_all(&staging)?;
+    let mut files = FileFeed::new(&staging, &input);
+
+    // Start-up: one file waits in the folder when the host starts.
+    let first = files.next(100)?;
+    let started = Instant::now();
+    let mut child = config
+        .host_run(host, &input, state, url)
+        .spawn()
+        .context("cannot start host run")?;
+    let result = runtime.block_on(async {
+        let client = connect(url).await?;
+        wait_visible(
+            &client,
+            std::slice::from_ref(&first.last_id),
+            Duration::from_secs(60),
+        )
+        .await?;
+        report.startup_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+
+        let feed = Feed { url, child: &child };
+        let seed = feed
+            .rate(
+                &mut files,
+                100,
+                Duration::from_secs(5),
+                config.latency_seconds,
+            )
+            .await?;
+        report.idle_rss_mb = seed.1;
+        report.latency.push(seed.0);
+        let seconds = config.latency_seconds.div_ceil(3);
+        let fast = feed
+            .rate(&mut files, 1000, Duration::from_millis(100), seconds)
+            .await?;
+        report.latency.push(fast.0);
+        anyhow::Ok(())
+    });
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    result
+}
+
+/// Files of generated events, written aside and renamed into the input
+/// folder by the caller's clock.
+struct FileFeed {
+    generator: Generator,
+    input: PathBuf,
+}
+
+struct Fed {
+    last_id: String,
+    renamed: Instant,
+}
+
+impl FileFeed {
+    fn new(staging: &Path, input: &Path) -> FileFeed {
+        FileFeed {
+            generator: Generator::new(GenerateConfig {
+                output: staging.to_owned(),
+                interval: Duration::ZERO,
+                events_per_file: 0,
+                files: None,
+                duplicate_rate: 0.0,
+                invalid_rate: 0.0,
+                seed: None,
+            }),
+            input: input.to_owned(),
+        }
+    }
+
+    /// Writes a file of `events` aside, then renames it into the input.
+    fn next(&mut self, events: usize) -> anyhow::Result<Fed> {
+        self.generator.set_events_per_file(events);
+        let path = self.generator.write_file()?;
+        let text = std::fs::read_to_string(&path)?;
+        let last_id = text
+            .lines()
+            .last()
+            .and_then(|l| l.split(',').next())
+            .unwrap_or_default()
+            .to_owned();
+        let target = self.input.join(path.file_name().unwrap_or_default());
+        let renamed = Instant::now();
+        std::fs::rename(&path, target)?;
+        Ok(Fed { last_id, renamed })
+    }
+}
+
+/// A running host and the database it writes to.
+struct Feed<'a> {
+    url: &'a str,
+    child: &'a Child,
+}
+
+impl Feed<'_> {
+    /// Feeds files of `events` every `every` for `seconds`; returns the
+    /// latency figures and the largest RSS seen just before a file, when
+    /// the host has been idle since the last one.
+    async fn rate(
+        &self,
+        files: &mut FileFeed,
+        events: usize,
+        every: Duration,
+        seconds: u64,
+    ) -> anyhow::Result<(Latency, Option<f64>)> {
+        let label = format!(
+            "{events} events every {every:?} ({:.0} events/s)",
+            events as f64 / every.as_secs_f64()
+        );
+        eprintln!("latency: {label}, for {seconds} s");
+        let pending: Arc<Mutex<Vec<Fed>>> = Arc::default();
+        let done: Arc<Mutex<Vec<f64>>> = Arc::default();
+        let poller = tokio::spawn(poll_visible(
+            connect(self.url).await?,
+            pending.clone(),
+            done.clone(),
+        ));
+        let count = (seconds * 1000 / every.as_millis().max(1) as u64).max(1) as usize;
+        let start = Instant::now();
+        let mut idle_rss: Option<f64> = None;
+        for i in 0..count {
+            tokio::time::sleep_until((start + every * i as u32).into()).await;
+            if let Some(rss) = rss_mb(self.child.id()) {
+                idle_rss = Some(idle_rss.map_or(rss, |r: f64| r.max(rss)));
+            }
+            let fed = files.next(events)?;
+            lock(&pending).push(fed);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !lock(&pending).is_empty() {
+            if poller.is_finished() || Instant::now() > deadline {
+                bail!("the rows of some files did not become visible within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        poller.abort();
+        let mut ms = lock(&done).clone();
+        ms.sort_by(f64::total_cmp);
+        let pct = |p: f64| ms[((ms.len() as f64 * p).ceil() as usize).clamp(1, ms.len()) - 1];
+        Ok((
+            Latency {
+                rate: label,
+                files: ms.len(),
+                events_per_s: (count * events) as f64 / start.elapsed().as_secs_f64(),
+                p50_ms: pct(0.50),
+                p99_ms: pct(0.99),
+                max_ms: pct(1.0),
+            },
+            idle_rss,
+        ))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Polls every millisecond for the last row of each pending file; the
+/// time from its rename to the poll that sees it is its latency.
+async fn poll_visible(
+    client: Client,
+    pending: Arc<Mutex<Vec<Fed>>>,
+    done: Arc<Mutex<Vec<f64>>>,
+) -> anyhow::Result<()> {
+    let query = client
+        .prepare("SELECT event_id::text FROM ecommerce_events WHERE event_id = ANY($1::text[])")
+        .await?;
+    loop {
+        let ids: Vec<String> = lock(&pending).iter().map(|f| f.last_id.clone()).collect();
+        if ids.is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let found: HashSet<String> = client
+            .query(&query, &[&ids])
+            .await?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect();
+        let seen = Instant::now();
+        if !found.is_empty() {
+            let mut pending = lock(&pending);
+            let mut done = lock(&done);
+            pending.retain(|f| {
+                if found.contains(&f.last_id) {
+                    done.push((seen - f.renamed).as_secs_f64() * 1000.0);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn wait_visible(client: &Client, ids: &[String], patience: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let ready = client
+            .query_one("SELECT to_regclass('ecommerce_events') IS NOT NULL", &[])
+            .await?
+            .get::<_, bool>(0);
+        if ready {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM ecommerce_events WHERE event_id = ANY($1::text[])",
+                    &[&ids],
+                )
+                .await?
+                .get(0);
+            if n as usize == ids.len() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the host did not commit the first file within {patience:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Waits for the child and returns its exit status and peak RSS in KiB.
+///
+/// The peak is the kernel's high-water mark of the child's own address
+/// space (`VmHWM`), read until it exits. Not `wait4`'s `ru_maxrss`: that
+/// also counts the copy of this process the child was forked from.
+fn wait_with_peak_rss(mut child: Child) -> anyhow::Result<(std::process::ExitStatus, i64)> {
+    let mut peak = 0.0f64;
+    loop {
+        if let Some(kb) = proc_status_kb(child.id(), "VmHWM:") {
+            peak = peak.max(kb);
+        }
+        if let Some(status) = child.try_wait()? {
+            return Ok((status, peak as i64));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Resident memory of a process now, in MiB.
+fn rss_mb(pid: u32) -> Option<f64> {
+    proc_status_kb(pid, "VmRSS:").map(|kb| kb / 1024.0)
+}
+
+/// A `kB` field of /proc/PID/status.
+fn proc_status_kb(pid: u32, field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn git_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn print(r: &Report) {
+    let line = |k: &str, v: String| println!("{k:<34} {v}");
+    line("commit", r.commit.clone());
+    line("events (1% duplicates)", r.events.to_string());
+    line("rows already in the table", r.preload.to_string());
+    line("rows written", r.rows_written.to_string());
+    line(
+        "COPY ceiling (same rows, order)",
+        format!("{:.2} s   {:.0} events/s", r.ceiling_s, r.ceiling_eps),
+    );
+    line(
+        "pipeline (host run --once)",
+        format!("{:.2} s   {:.0} events/s", r.pipeline_s, r.pipeline_eps),
+    );
+    line("ratio to the ceiling", format!("{:.2}", r.ratio));
+    line(
+        "parts (summed, they overlap)",
+        format!("{} batches", r.batches),
+    );
+    line("  read + parse", format!("{:.2} s", r.read_parse_s));
+    for (name, s) in &r.stage_s {
+        line(&format!("  stage {name}"), format!("{s:.2} s"));
+    }
+    line("  database (rows)", format!("{:.2} s", r.database_s));
+    line("peak RSS (backlog)", format!("{:.0} MB", r.peak_rss_mb));
+    if let Some(ms) = r.startup_ms {
+        line("start to first commit (cached)", format!("{ms:.0} ms"));
+    }
+    for l in &r.latency {
+        line(
+            &format!("latency, {}", l.rate),
+            format!(
+                "p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} files)",
+                l.p50_ms, l.p99_ms, l.max_ms, l.files
+            ),
+        );
+    }
+    if let Some(mb) = r.idle_rss_mb {
+        line("RSS idle", format!("{mb:.0} MB"));
+    }
+}

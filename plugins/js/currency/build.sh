@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Builds the JavaScript currency stage into currency_js.wasm in the plugins
+# folder (or $1), installing componentize-js from npm when missing.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:-$here/../..}"
+cd "$here"
+[ -x node_modules/.bin/componentize-js ] || npm install --silent --no-audit --no-fund
+mkdir -p "$out"
+node_modules/.bin/componentize-js --wit ../../../wit -n plugin -d http fetch-event -o "$out/.currency_js.wasm.tmp" stage.js >/dev/null
+mv "$out/.currency_js.wasm.tmp" "$out/currency_js.wasm"
