@@ -30,9 +30,62 @@ pub enum Command {
     /// Tools for plugin authors.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// List the manifest's stages (component, hash, version, whether it
+    /// loads, limits, grants, shadow candidate, and what the database last
+    /// committed with it), or promote a shadow candidate.
+    Plugins(PluginsArgs),
     /// Measure the pipeline against PostgreSQL's own COPY ceiling, its
     /// latency from file to table, and its memory; print a table and JSON.
     Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct PluginsArgs {
+    #[command(subcommand)]
+    pub command: Option<PluginsCommand>,
+    #[command(flatten)]
+    pub list: PluginsListArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginsCommand {
+    /// Make a stage's shadow candidate its live component: rewrites
+    /// pipeline.toml (component = the shadow file, shadow removed), which a
+    /// running host swaps in at the next batch boundary.
+    Promote(PromoteArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PluginsListArgs {
+    /// Folder with the plugin manifest (pipeline.toml) and the stage components.
+    #[arg(long, default_value = "plugins")]
+    pub plugins: PathBuf,
+    /// Also show what this database last committed per stage (read only).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Compiled-component cache; "off" disables.
+    #[arg(long, default_value = "data/cache")]
+    pub cache_dir: PathBuf,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// The stage whose shadow candidate becomes live.
+    pub stage: String,
+    /// Folder with the plugin manifest (pipeline.toml).
+    #[arg(long, default_value = "plugins")]
+    pub plugins: PathBuf,
+    /// Version label for the promoted component [default: the old label is
+    /// removed, so batches record the new file's hash prefix].
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Compiled-component cache (the candidate is type-checked first); "off" disables.
+    #[arg(long, default_value = "data/cache")]
+    pub cache_dir: PathBuf,
 }
 
 #[derive(Args, Debug)]

@@ -18,6 +18,7 @@ pub mod parse;
 pub mod pause;
 pub mod pipeline;
 pub mod plugin_test;
+pub mod plugins;
 pub mod scaffold;
 pub mod sink;
 pub mod source;

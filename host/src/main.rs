@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 
-use host::cli::{Cli, Command, PluginCommand};
+use host::cli::{Cli, Command, PluginCommand, PluginsCommand};
 use host::generate::{GenerateConfig, Generator};
 use host::pipeline::{self, RunConfig};
 use host::plugin_test::{self, PluginTest};
@@ -83,6 +83,41 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Plugins(args) => match args.command {
+            None => {
+                let list = args.list;
+                let ok = host::plugins::list::run(host::plugins::list::ListArgs {
+                    cache_dir: (list.cache_dir.as_os_str() != "off").then_some(list.cache_dir),
+                    plugins: list.plugins,
+                    database_url: list.database_url.filter(|u| !u.is_empty()),
+                    json: list.json,
+                })?;
+                anyhow::ensure!(ok, "a stage's component does not load, or the database could not be read (see above)");
+                Ok(())
+            }
+            Some(PluginsCommand::Promote(p)) => {
+                let cache = (p.cache_dir.as_os_str() != "off").then_some(p.cache_dir);
+                let done = host::plugins::promote::promote(
+                    &p.plugins,
+                    &p.stage,
+                    p.version.as_deref(),
+                    cache,
+                )?;
+                println!(
+                    "promoted {stage}: component = {new} (sha256 {hash}), was {old}; shadow removed from {manifest}",
+                    stage = done.stage,
+                    new = done.new_component,
+                    hash = &done.hash,
+                    old = done.old_component,
+                    manifest = p.plugins.join(host::stage::manifest::MANIFEST_FILE).display()
+                );
+                if let Some(v) = done.dropped_version {
+                    println!("removed its version label {v:?}, which named the old component (pass --version to set one)");
+                }
+                println!("a running host swaps it in at the next batch boundary, handing over the stage's state");
+                Ok(())
+            }
+        },
         Command::Bench(args) => {
             host::bench::run(host::bench::BenchConfig {
                 events: args.events,

@@ -53,6 +53,8 @@ pub struct Metrics {
     stage_seconds: Mutex<BTreeMap<String, (u64, f64)>>,
     stage_failures: Mutex<BTreeMap<(String, String), u64>>,
     plugin_loads: Mutex<BTreeMap<(String, String), u64>>,
+    shadow_rows: Mutex<BTreeMap<(String, &'static str), u64>>,
+    shadow_failures: Mutex<BTreeMap<(String, String), u64>>,
     problems: Mutex<BTreeMap<String, String>>,
     paused: Mutex<BTreeMap<String, bool>>,
 }
@@ -111,6 +113,22 @@ impl Metrics {
             map.insert(stage.to_owned(), why.is_some());
         }
         self.set_problem(&format!("stage {stage}"), why);
+    }
+
+    /// Counts a shadow comparison, row by row, per kind of difference.
+    pub fn shadow_rows(&self, stage: &str, counts: &crate::stage::shadow::DiffCounts) {
+        if let Ok(mut map) = self.shadow_rows.lock() {
+            for (kind, n) in counts.kinds() {
+                *map.entry((stage.to_owned(), kind)).or_default() += n as u64;
+            }
+        }
+    }
+
+    /// Counts a batch the shadow candidate failed on (or could not run).
+    pub fn shadow_failure(&self, stage: &str, kind: &str) {
+        if let Ok(mut map) = self.shadow_failures.lock() {
+            *map.entry((stage.to_owned(), kind.to_owned())).or_default() += 1;
+        }
     }
 
     pub fn set_db_down(&self, down: bool) {
@@ -240,6 +258,28 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "pipeline_plugin_loads_total{{stage=\"{stage}\",outcome=\"{outcome}\"}} {n}"
+                );
+            }
+        }
+        if let Ok(map) = self.shadow_rows.lock() {
+            if !map.is_empty() {
+                let _ = writeln!(out, "# HELP pipeline_shadow_rows_total rows compared between a live stage and its shadow candidate, by kind of difference\n# TYPE pipeline_shadow_rows_total counter");
+            }
+            for ((stage, kind), n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "pipeline_shadow_rows_total{{stage=\"{stage}\",kind=\"{kind}\"}} {n}"
+                );
+            }
+        }
+        if let Ok(map) = self.shadow_failures.lock() {
+            if !map.is_empty() {
+                let _ = writeln!(out, "# HELP pipeline_shadow_failures_total batches a shadow candidate failed on, by kind\n# TYPE pipeline_shadow_failures_total counter");
+            }
+            for ((stage, kind), n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "pipeline_shadow_failures_total{{stage=\"{stage}\",kind=\"{kind}\"}} {n}"
                 );
             }
         }

@@ -326,6 +326,7 @@ fn run_stages(
             id: uuid::Uuid::new_v4(),
             snapshots,
             stages,
+            plugin_events: crate::stage::events::drain(),
             ..Commit::default()
         });
     }
@@ -452,6 +453,8 @@ fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -
         positions: batch.positions.into_values().collect(),
         stages: out.runs,
         snapshots,
+        shadow_diffs: out.shadows,
+        plugin_events: crate::stage::events::drain(),
     }
 }
 

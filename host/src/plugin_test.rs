@@ -71,6 +71,7 @@ pub fn run(t: PluginTest) -> anyhow::Result<Summary> {
         vec![Prepared {
             spec: Arc::new(spec),
             component,
+            shadow: None,
         }],
         &HashMap::new(),
     )?;

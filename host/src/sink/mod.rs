@@ -19,6 +19,7 @@
 //! the commit went through.
 
 pub mod copy;
+pub mod plugin_records;
 pub mod schema;
 
 use std::sync::atomic::Ordering;
@@ -34,6 +35,8 @@ use crate::batch::{Malformed, Origin, Position};
 use crate::checkpoint::{self, Checkpoint};
 use crate::metrics::{self, Metrics};
 use crate::stage::chain::{StageRejection, StageRun, StageSnapshot};
+use crate::stage::events::PluginEvent;
+use crate::stage::shadow::ShadowDiff;
 use crate::stage::Event;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,10 @@ pub struct Commit {
     pub positions: Vec<Position>,
     pub stages: Vec<StageRun>,
     pub snapshots: Vec<StageSnapshot>,
+    /// Shadow comparisons of this batch.
+    pub shadow_diffs: Vec<ShadowDiff>,
+    /// Plugin events since the last batch.
+    pub plugin_events: Vec<PluginEvent>,
 }
 
 /// Counts of a committed batch.
@@ -422,6 +429,8 @@ async fn write(
         )
         .await?;
     }
+
+    plugin_records::write(&tx, batch_id, &c.shadow_diffs, &c.plugin_events).await?;
 
     tx.commit().await?;
     Ok(Committed {

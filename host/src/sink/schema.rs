@@ -71,6 +71,45 @@ CREATE TABLE IF NOT EXISTS pipeline.stage_state (
     batch_id       BIGINT NOT NULL,
     updated_at     TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- Per batch and shadowed stage: how the shadow candidate's output differed
+-- from the live version's (which alone was written). Counts are NULL when
+-- the candidate failed on the batch; `error` says why.
+CREATE TABLE IF NOT EXISTS pipeline.shadow_diffs (
+    id                 BIGSERIAL PRIMARY KEY,
+    batch_id           BIGINT NOT NULL,
+    stage              TEXT NOT NULL,
+    live_version       TEXT NOT NULL,
+    live_hash          TEXT NOT NULL,
+    candidate_version  TEXT NOT NULL,
+    candidate_hash     TEXT,             -- NULL when the candidate did not load
+    rows_in            INT NOT NULL,
+    kept_both          INT,              -- kept by both (paired by event_id)
+    changed            INT,              -- of those, differing in some field
+    live_only          INT,
+    candidate_only     INT,
+    live_rejected      INT,              -- rejected or failed by the live version
+    candidate_rejected INT,
+    field_changes      JSONB,            -- per field, the pairs differing in it
+    candidate_ms       DOUBLE PRECISION NOT NULL,
+    error              TEXT
+);
+CREATE INDEX IF NOT EXISTS shadow_diffs_batch ON pipeline.shadow_diffs (batch_id);
+
+-- What happened to each stage's components: loaded, swapped_in, promoted,
+-- rejected (with the reason), removed, shadow_started, shadow_rejected.
+-- Committed with the next batch after the event.
+CREATE TABLE IF NOT EXISTS pipeline.plugin_events (
+    id       BIGSERIAL PRIMARY KEY,
+    batch_id BIGINT NOT NULL,
+    at       TIMESTAMPTZ NOT NULL,
+    stage    TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    version  TEXT,
+    hash     TEXT,
+    reason   TEXT
+);
+CREATE INDEX IF NOT EXISTS plugin_events_stage ON pipeline.plugin_events (stage, id);
 -- Snapshots are megabytes of ids that barely compress: without this,
 -- compressing one took ~250 ms of the batch that commits it.
 ALTER TABLE pipeline.stage_state ALTER COLUMN state SET STORAGE EXTERNAL;

@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::bindings::{BatchResult, Event};
+use super::events::{self, PluginEvent, PluginEventKind};
 use super::instance::StageInstance;
 use super::manifest::{OnIncompatibleState, StageSpec};
 use super::output;
 use super::runtime::{LoadedComponent, Runtime};
+use super::shadow::{self, Shadow, ShadowDiff};
 use super::StageError;
 
 /// A stage ready to start: its manifest entry and its checked component.
@@ -23,6 +25,8 @@ use super::StageError;
 pub struct Prepared {
     pub spec: Arc<StageSpec>,
     pub component: Arc<LoadedComponent>,
+    /// The shadow candidate the manifest names, loaded or not.
+    pub shadow: Option<shadow::Candidate>,
 }
 
 /// Which version of a stage processed a batch.
@@ -58,6 +62,8 @@ pub struct ChainOutput {
     pub events: Vec<Event>,
     pub rejections: Vec<StageRejection>,
     pub runs: Vec<StageRun>,
+    /// One per stage with a shadow candidate.
+    pub shadows: Vec<ShadowDiff>,
 }
 
 /// State of one stage, as committed with a batch.
@@ -74,6 +80,8 @@ pub struct SwapReport {
     pub kept: Vec<String>,
     pub removed: Vec<String>,
     pub refused: Vec<(String, String)>,
+    /// Stages whose new version is the candidate their shadow ran.
+    pub promoted: Vec<String>,
 }
 
 struct Slot {
@@ -85,6 +93,7 @@ struct Slot {
     base_state: Vec<u8>,
     /// The slot this one replaced, kept until this one's first batch works.
     previous: Option<Box<Slot>>,
+    shadow: Option<Shadow>,
 }
 
 impl Slot {
@@ -96,6 +105,7 @@ impl Slot {
             live,
             base_state: Vec::new(),
             previous: None,
+            shadow: None,
         };
         if !state.is_empty() {
             match slot.live.restore(&state)? {
@@ -108,7 +118,48 @@ impl Slot {
                 }
             }
         }
+        // The candidate gets the state the live version accepted.
+        if let Some(candidate) = &slot.prepared.shadow {
+            slot.shadow = Some(Shadow::start(
+                runtime,
+                &slot.prepared.spec,
+                candidate.clone(),
+                &slot.base_state,
+            ));
+        }
         Ok(slot)
+    }
+
+    /// Runs the shadow candidate, if any, on the batch the live version
+    /// just processed; its failures stay inside the returned diff.
+    fn shadow_run(
+        &mut self,
+        runtime: &Runtime,
+        input: &[Event],
+        result: &BatchResult,
+        failed: usize,
+    ) -> Option<ShadowDiff> {
+        let version = self.version();
+        let shadow = self.shadow.as_mut()?;
+        Some(shadow.run(runtime, version, input, result, failed, &self.base_state))
+    }
+
+    /// Takes a new plan entry for an unchanged live version: (re)starts
+    /// the shadow candidate if it changed, handing it the live state.
+    fn keep(&mut self, runtime: &Runtime, prepared: Prepared) {
+        if !shadow::same_candidate(self.prepared.shadow.as_ref(), prepared.shadow.as_ref()) {
+            self.shadow = prepared.shadow.clone().map(|candidate| {
+                let state = match self.live.is_poisoned() {
+                    true => self.base_state.clone(),
+                    false => self
+                        .live
+                        .snapshot()
+                        .unwrap_or_else(|_| self.base_state.clone()),
+                };
+                Shadow::start(runtime, &prepared.spec, candidate, &state)
+            });
+        }
+        self.prepared = prepared;
     }
 
     fn version(&self) -> StageVersion {
@@ -238,6 +289,10 @@ impl Chain {
                 }
                 Err(e) => return Err(e),
             };
+            events::record(
+                PluginEvent::new(&slot.prepared.spec.name, PluginEventKind::Loaded)
+                    .version(&slot.live.version(), &slot.prepared.component.hash),
+            );
             slots.push(slot);
         }
         Ok(Chain { runtime, slots })
@@ -263,6 +318,11 @@ impl Chain {
             let current = owned.as_deref().unwrap_or(events);
             let rows_in = current.len();
             let result = self.run_slot(index, current, &mut failed);
+            if let Some(diff) =
+                self.slots[index].shadow_run(&self.runtime, current, &result, failed.len())
+            {
+                out.shadows.push(diff);
+            }
             let slot = &self.slots[index];
             let name = slot.live.name().to_owned();
             out.runs.push(StageRun {
@@ -318,6 +378,11 @@ impl Chain {
                         "new version rejected: failed its first batch: {err}; keeping the previous version"
                     );
                     crate::metrics::global().plugin_rejected(slot.live.name(), "first_batch");
+                    events::record(
+                        PluginEvent::new(slot.live.name(), PluginEventKind::Rejected)
+                            .version(&slot.live.version(), &slot.prepared.component.hash)
+                            .reason(format!("failed its first batch: {err}")),
+                    );
                     if let Some(previous) = previous {
                         *slot = previous;
                     }
@@ -375,21 +440,38 @@ impl Chain {
         let mut slots = Vec::with_capacity(plan.len());
         for prepared in plan {
             let name = prepared.spec.name.clone();
+            // Recorded if the new version is refused: `prepared` moves below.
+            let refused = PluginEvent::new(&name, PluginEventKind::Rejected).version(
+                prepared
+                    .spec
+                    .version
+                    .as_deref()
+                    .unwrap_or(prepared.component.short_hash()),
+                &prepared.component.hash,
+            );
             match old.remove(&name) {
-                Some(slot)
+                Some(mut slot)
                     if slot.prepared.component.hash == prepared.component.hash
-                        && slot.prepared.spec == prepared.spec =>
+                        && slot.prepared.spec.same_live(&prepared.spec) =>
                 {
                     report.kept.push(name);
+                    slot.keep(&self.runtime, prepared);
                     slots.push(slot);
                 }
                 Some(mut previous) => match self.successor(&mut previous, prepared) {
                     Ok(mut slot) => {
+                        let was_candidate = previous.shadow.as_ref().is_some_and(|s| {
+                            matches!(s.candidate(), Ok(c) if c.hash == slot.prepared.component.hash)
+                        });
+                        if was_candidate {
+                            report.promoted.push(name);
+                        }
                         report.started.push(slot.version());
                         slot.previous = Some(Box::new(previous));
                         slots.push(slot);
                     }
                     Err(reason) => {
+                        events::record(refused.reason(reason.clone()));
                         report.refused.push((name, reason));
                         slots.push(previous);
                     }
@@ -399,12 +481,16 @@ impl Chain {
                         report.started.push(slot.version());
                         slots.push(slot);
                     }
-                    Err(e) => report.refused.push((name, e.to_string())),
+                    Err(e) => {
+                        events::record(refused.reason(e.to_string()));
+                        report.refused.push((name, e.to_string()));
+                    }
                 },
             }
         }
         report.removed = old.into_keys().collect();
         self.slots = slots;
+        events::record_swap(&report);
         report
     }
 

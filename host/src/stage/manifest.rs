@@ -47,6 +47,30 @@ pub struct StageSpec {
     pub on_incompatible_state: OnIncompatibleState,
 }
 
+impl StageSpec {
+    /// Whether two entries run the live version the same way: everything
+    /// but the shadow candidate, which can change without a swap.
+    pub fn same_live(&self, other: &StageSpec) -> bool {
+        let StageSpec {
+            name,
+            component,
+            shadow: _,
+            version,
+            config,
+            limits,
+            grants,
+            on_incompatible_state,
+        } = self;
+        *name == other.name
+            && *component == other.component
+            && *version == other.version
+            && *config == other.config
+            && *limits == other.limits
+            && *grants == other.grants
+            && *on_incompatible_state == other.on_incompatible_state
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     pub path: PathBuf,

@@ -7,15 +7,19 @@
 //!   hot swap at batch boundaries.
 //! - `manifest`: `pipeline.toml`.
 //! - `output`: checks on what a stage returns.
+//! - `shadow`: a candidate version run beside the live one, outputs compared.
+//! - `events`: plugin events queued for the next batch's commit.
 
 pub mod bindings;
 pub mod chain;
+pub mod events;
 pub mod instance;
 pub mod limits;
 pub mod manifest;
 pub mod output;
 pub mod reload;
 pub mod runtime;
+pub mod shadow;
 
 use std::path::PathBuf;
 use std::time::Duration;

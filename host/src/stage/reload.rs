@@ -17,8 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::chain::Prepared;
+use super::events::{self, PluginEvent, PluginEventKind};
 use super::manifest::{Manifest, StageSpec};
 use super::runtime::{LoadedComponent, Runtime};
+use super::shadow::{self, Candidate};
 use super::StageError;
 use crate::metrics;
 
@@ -80,6 +82,8 @@ impl Loader {
     }
 
     /// Loads every stage of a manifest; the first failure is returned.
+    /// A shadow candidate that does not load is not a failure: the stage
+    /// runs and the candidate's error is reported with every batch.
     pub fn plan(&mut self, manifest: &Manifest) -> Result<Vec<Prepared>, StageError> {
         manifest
             .stages
@@ -88,9 +92,27 @@ impl Loader {
                 Ok(Prepared {
                     spec: Arc::new(spec.clone()),
                     component: self.load(&spec.component)?,
+                    shadow: self.candidate(spec),
                 })
             })
             .collect()
+    }
+
+    /// Loads the stage's shadow candidate, if it names one.
+    fn candidate(&mut self, spec: &StageSpec) -> Option<Candidate> {
+        let path = spec.shadow.as_ref()?;
+        Some(match self.load(path) {
+            Ok(component) => {
+                self.failed.remove(path);
+                Ok(component)
+            }
+            Err(e) => {
+                if self.first_failure(path) {
+                    metrics::global().shadow_failure(&spec.name, e.kind());
+                }
+                Err(e.to_string())
+            }
+        })
     }
 
     /// Builds the plan for a changed manifest. A stage whose component
@@ -99,7 +121,7 @@ impl Loader {
     fn replan(&mut self, manifest: &Manifest, current: &[Prepared]) -> Option<Vec<Prepared>> {
         let mut plan = Vec::with_capacity(manifest.stages.len());
         for spec in &manifest.stages {
-            if !quiet(&spec.component) {
+            if !quiet(&spec.component) || spec.shadow.as_deref().is_some_and(|p| !quiet(p)) {
                 return None;
             }
             match self.load(&spec.component) {
@@ -108,6 +130,7 @@ impl Loader {
                     plan.push(Prepared {
                         spec: Arc::new(spec.clone()),
                         component,
+                        shadow: self.candidate(spec),
                     });
                 }
                 Err(e) => {
@@ -122,15 +145,27 @@ impl Loader {
     }
 
     fn reject(&mut self, spec: &StageSpec, e: &StageError) {
-        let stamp = stamp(&spec.component).ok();
-        if stamp.is_some() && self.failed.get(&spec.component) == stamp.as_ref() {
+        if !self.first_failure(&spec.component) {
             return;
-        }
-        if let Some(s) = stamp {
-            self.failed.insert(spec.component.clone(), s);
         }
         tracing::error!(stage = %spec.name, file = %spec.component.display(), "component rejected, the stage keeps its current version: {e}");
         metrics::global().plugin_rejected(&spec.name, e.kind());
+        events::record(
+            PluginEvent::new(&spec.name, PluginEventKind::Rejected).reason(e.to_string()),
+        );
+    }
+
+    /// Remembers that this version of the file failed; false if it was
+    /// already reported, so one broken file is reported once.
+    fn first_failure(&mut self, path: &Path) -> bool {
+        let stamp = stamp(path).ok();
+        if stamp.is_some() && self.failed.get(path) == stamp.as_ref() {
+            return false;
+        }
+        if let Some(s) = stamp {
+            self.failed.insert(path.to_owned(), s);
+        }
+        true
     }
 }
 
@@ -204,10 +239,11 @@ pub fn watch(
             continue;
         };
         let changed = plan.len() != current.len()
-            || plan
-                .iter()
-                .zip(&current)
-                .any(|(a, b)| a.spec != b.spec || !Arc::ptr_eq(&a.component, &b.component));
+            || plan.iter().zip(&current).any(|(a, b)| {
+                a.spec != b.spec
+                    || !Arc::ptr_eq(&a.component, &b.component)
+                    || !shadow::same_candidate(a.shadow.as_ref(), b.shadow.as_ref())
+            });
         if changed {
             current = plan.clone();
             if plans.send(plan).is_err() {

@@ -1,0 +1,457 @@
+//! Shadow mode: a candidate version of a stage runs beside the live one on
+//! the same batches, and the host records how their outputs differ,
+//! without the candidate's output going anywhere.
+//!
+//! Why: a new version of a stage can then be judged on real traffic
+//! before it is made live (`host plugins promote`), with the differences
+//! counted per batch in `pipeline.shadow_diffs` and in metrics.
+//!
+//! The candidate gets exactly what the live version got (the output of the
+//! stage before it), its own instance with the stage's limits, grants and
+//! config, and the live version's state, handed over the way a swap would
+//! hand it (`on-incompatible-state` applies). It must never affect the
+//! live path: anything it does wrong (trap, time or memory limit, refusal,
+//! invalid output, a state it cannot read, a file that does not load) is
+//! recorded as the diff's `error`, logged once per distinct error and
+//! counted, and the live batch goes on. A failed instance is replaced on
+//! the next batch, from the live version's last snapshot.
+//!
+//! Cost: nothing when no stage has a `shadow`; otherwise one more stage
+//! call per batch plus a hash map over the batch to compare outputs.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::bindings::{BatchResult, Event};
+use super::chain::StageVersion;
+use super::events::{self, PluginEvent, PluginEventKind};
+use super::instance::StageInstance;
+use super::manifest::{OnIncompatibleState, StageSpec};
+use super::output;
+use super::runtime::{LoadedComponent, Runtime};
+use super::StageError;
+use crate::metrics;
+
+/// A candidate component as the loader left it: loaded and checked, or
+/// the reason it is not.
+pub type Candidate = Result<Arc<LoadedComponent>, String>;
+
+/// Whether two loads of a stage's candidate are the same version.
+pub fn same_candidate(a: Option<&Candidate>, b: Option<&Candidate>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(Ok(a)), Some(Ok(b))) => a.hash == b.hash && a.path == b.path,
+        (Some(Err(a)), Some(Err(b))) => a == b,
+        _ => false,
+    }
+}
+
+/// How a candidate's output for one batch differs from the live version's.
+///
+/// Outputs are matched by event id (several events with one id are paired
+/// in order). `kept_both` counts pairs, of which `changed` differ in at
+/// least one field; `fields` counts, per field, the pairs differing in it.
+/// "Rejected" includes events the live version failed on (quarantined).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DiffCounts {
+    pub kept_both: usize,
+    pub changed: usize,
+    pub live_only: usize,
+    pub candidate_only: usize,
+    pub live_rejected: usize,
+    pub candidate_rejected: usize,
+    pub fields: BTreeMap<&'static str, usize>,
+}
+
+impl DiffCounts {
+    /// The counts as (metric kind, value).
+    pub fn kinds(&self) -> [(&'static str, usize); 6] {
+        [
+            ("kept_both", self.kept_both),
+            ("changed", self.changed),
+            ("live_only", self.live_only),
+            ("candidate_only", self.candidate_only),
+            ("live_rejected", self.live_rejected),
+            ("candidate_rejected", self.candidate_rejected),
+        ]
+    }
+}
+
+/// One batch's comparison for one shadowed stage, committed with the batch.
+#[derive(Debug, Clone)]
+pub struct ShadowDiff {
+    pub stage: String,
+    pub live: StageVersion,
+    pub candidate_version: String,
+    /// `None` when the candidate file did not load.
+    pub candidate_hash: Option<String>,
+    pub rows_in: usize,
+    /// `None` when the candidate failed on this batch (see `error`).
+    pub counts: Option<DiffCounts>,
+    pub error: Option<String>,
+    pub elapsed: Duration,
+}
+
+/// Compares the live version's output with the candidate's.
+pub fn diff(live: &BatchResult, live_failed: usize, candidate: &BatchResult) -> DiffCounts {
+    let mut counts = DiffCounts {
+        live_rejected: live.rejected.len() + live_failed,
+        candidate_rejected: candidate.rejected.len(),
+        ..DiffCounts::default()
+    };
+    let mut theirs: HashMap<&str, VecDeque<&Event>> =
+        HashMap::with_capacity(candidate.events.len());
+    for e in &candidate.events {
+        theirs.entry(e.event_id.as_str()).or_default().push_back(e);
+    }
+    for ours in &live.events {
+        match theirs
+            .get_mut(ours.event_id.as_str())
+            .and_then(VecDeque::pop_front)
+        {
+            Some(other) => {
+                counts.kept_both += 1;
+                let differing = changed_fields(ours, other);
+                if !differing.is_empty() {
+                    counts.changed += 1;
+                    for field in differing {
+                        *counts.fields.entry(field).or_default() += 1;
+                    }
+                }
+            }
+            None => counts.live_only += 1,
+        }
+    }
+    counts.candidate_only = theirs.values().map(VecDeque::len).sum();
+    counts
+}
+
+/// The fields in which two events with the same id differ.
+fn changed_fields(a: &Event, b: &Event) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if a.user_id != b.user_id {
+        out.push("user_id");
+    }
+    if a.event_type != b.event_type {
+        out.push("event_type");
+    }
+    if a.product_id != b.product_id {
+        out.push("product_id");
+    }
+    if a.price_cents != b.price_cents {
+        out.push("price_cents");
+    }
+    if a.event_time != b.event_time {
+        out.push("event_time");
+    }
+    out
+}
+
+/// The candidate of one stage: its component, its instance (when one is
+/// running) and what went wrong last, so a repeated error is logged once.
+pub struct Shadow {
+    spec: Arc<StageSpec>,
+    candidate: Candidate,
+    instance: Option<StageInstance>,
+    /// Why the candidate cannot run from its current state; cleared when a
+    /// fresh instance starts.
+    broken: Option<String>,
+    last_logged: Option<String>,
+}
+
+impl Shadow {
+    /// Starts the candidate of `live` (whose manifest entry names it) with
+    /// `state`, the live version's state. Never fails: a candidate that
+    /// cannot start is kept as broken and reported with every batch.
+    pub fn start(
+        runtime: &Runtime,
+        live: &Arc<StageSpec>,
+        candidate: Candidate,
+        state: &[u8],
+    ) -> Shadow {
+        let mut spec = (**live).clone();
+        if let Ok(c) = &candidate {
+            spec.component = c.path.clone();
+        }
+        spec.shadow = None;
+        // The candidate's own version label: the live one's belongs to the live file.
+        spec.version = None;
+        let mut shadow = Shadow {
+            spec: Arc::new(spec),
+            candidate,
+            instance: None,
+            broken: None,
+            last_logged: None,
+        };
+        shadow.restart(runtime, state);
+        let name = &shadow.spec.name;
+        let event = match (&shadow.broken, &shadow.candidate) {
+            (None, Ok(c)) => {
+                tracing::info!(stage = %name, candidate = %c.path.display(), hash = c.short_hash(), "shadow candidate started beside the live version");
+                PluginEvent::new(name, PluginEventKind::ShadowStarted)
+                    .version(c.short_hash(), &c.hash)
+            }
+            (reason, candidate) => {
+                let reason = reason.clone().unwrap_or_default();
+                tracing::warn!(stage = %name, "shadow candidate cannot run (the live version is not affected): {reason}");
+                shadow.last_logged = Some(reason.clone());
+                let event = PluginEvent::new(name, PluginEventKind::ShadowRejected).reason(reason);
+                match candidate {
+                    Ok(c) => event.version(c.short_hash(), &c.hash),
+                    Err(_) => event,
+                }
+            }
+        };
+        events::record(event);
+        shadow
+    }
+
+    pub fn candidate(&self) -> &Candidate {
+        &self.candidate
+    }
+
+    fn version(&self) -> String {
+        match &self.candidate {
+            Ok(c) => c.short_hash().to_owned(),
+            Err(_) => "unloaded".to_owned(),
+        }
+    }
+
+    /// A fresh instance from `state`, per the stage's `on-incompatible-state`.
+    fn restart(&mut self, runtime: &Runtime, state: &[u8]) {
+        self.instance = None;
+        let component = match &self.candidate {
+            Ok(c) => c.clone(),
+            Err(reason) => {
+                self.broken = Some(format!("candidate did not load: {reason}"));
+                return;
+            }
+        };
+        let start = || StageInstance::start(runtime, self.spec.clone(), component.clone());
+        let result = start().and_then(|mut instance| {
+            if state.is_empty() {
+                return Ok(Ok(instance));
+            }
+            Ok(instance.restore(state)?.map(|()| instance))
+        });
+        self.broken = None;
+        match result {
+            Ok(Ok(instance)) => self.instance = Some(instance),
+            Ok(Err(reason)) => match self.spec.on_incompatible_state {
+                OnIncompatibleState::Reset => match start() {
+                    Ok(instance) => {
+                        tracing::warn!(stage = %self.spec.name, "shadow candidate cannot restore the live state ({reason}); started empty (on-incompatible-state = reset)");
+                        self.instance = Some(instance);
+                    }
+                    Err(e) => self.broken = Some(e.to_string()),
+                },
+                OnIncompatibleState::RefuseSwap => {
+                    self.broken = Some(format!(
+                        "candidate cannot restore the live state: {reason} (on-incompatible-state = refuse-swap)"
+                    ))
+                }
+            },
+            Err(e) => self.broken = Some(e.to_string()),
+        }
+    }
+
+    /// Runs the candidate on `input`, the batch the live version just
+    /// processed into `live` (failing on `live_failed` events), and
+    /// compares. `live_state` is the live version's last snapshot, from
+    /// which a failed candidate restarts.
+    pub fn run(
+        &mut self,
+        runtime: &Runtime,
+        live_version: StageVersion,
+        input: &[Event],
+        live: &BatchResult,
+        live_failed: usize,
+        live_state: &[u8],
+    ) -> ShadowDiff {
+        let started = Instant::now();
+        // A trapped instance is replaced; a candidate that could not start
+        // (does not load, refuses its config or the state) stays broken
+        // until its file or the manifest changes.
+        let fresh = match &self.instance {
+            Some(instance) => instance.is_poisoned(),
+            None => self.broken.is_none(),
+        };
+        if fresh {
+            self.restart(runtime, live_state);
+        }
+        let outcome = match (&mut self.instance, &self.broken) {
+            (_, Some(reason)) => Err(reason.clone()),
+            (None, None) => Err("candidate has no instance".to_owned()),
+            (Some(instance), None) => instance
+                .process(input)
+                .and_then(|result| {
+                    output::check(input, &result)
+                        .map(|()| result)
+                        .map_err(|message| StageError::BadOutput {
+                            stage: self.spec.name.clone(),
+                            message,
+                        })
+                })
+                .map_err(|e| {
+                    // The next batch starts a fresh instance: this one's
+                    // state may be half-changed.
+                    instance.retire();
+                    let kind = e.kind();
+                    metrics::global().shadow_failure(&self.spec.name, kind);
+                    e.to_string()
+                }),
+        };
+        let (counts, error) = match outcome {
+            Ok(result) => {
+                let counts = diff(live, live_failed, &result);
+                metrics::global().shadow_rows(&self.spec.name, &counts);
+                self.last_logged = None;
+                (Some(counts), None)
+            }
+            Err(reason) => {
+                if self.broken.is_some() {
+                    metrics::global().shadow_failure(&self.spec.name, "unavailable");
+                }
+                if self.last_logged.as_ref() != Some(&reason) {
+                    tracing::warn!(stage = %self.spec.name, candidate = %self.version(), "shadow candidate failed (the live version is not affected): {reason}");
+                    self.last_logged = Some(reason.clone());
+                }
+                (None, Some(reason))
+            }
+        };
+        ShadowDiff {
+            stage: self.spec.name.clone(),
+            live: live_version,
+            candidate_version: self.version(),
+            candidate_hash: self.candidate.as_ref().ok().map(|c| c.hash.clone()),
+            rows_in: input.len(),
+            counts,
+            error,
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage::Rejected;
+
+    fn event(id: &str, kind: &str, price: i64) -> Event {
+        Event {
+            event_id: id.into(),
+            user_id: 1,
+            event_type: kind.into(),
+            product_id: 1,
+            price_cents: price,
+            event_time: 0,
+        }
+    }
+
+    fn result(events: Vec<Event>, rejected: Vec<Event>) -> BatchResult {
+        BatchResult {
+            events,
+            rejected: rejected
+                .into_iter()
+                .map(|event| Rejected {
+                    event,
+                    reason: "no".into(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn identical_outputs_differ_in_nothing() {
+        let out = result(vec![event("a", "view", 1), event("b", "view", 2)], vec![]);
+        let d = diff(&out, 0, &out.clone());
+        assert_eq!(
+            d,
+            DiffCounts {
+                kept_both: 2,
+                ..DiffCounts::default()
+            }
+        );
+    }
+
+    #[test]
+    fn kept_changed_one_sided_and_rejected_are_counted_apart() {
+        let live = result(
+            vec![
+                event("same", "view", 1),
+                event("kind", "view", 1),
+                event("both", "view", 1),
+                event("live-only", "view", 1),
+            ],
+            vec![event("cand-only", "view", 1)],
+        );
+        let candidate = result(
+            vec![
+                event("same", "view", 1),
+                event("kind", "purchase", 1),
+                event("both", "purchase", 2),
+                event("cand-only", "view", 1),
+            ],
+            vec![event("live-only", "view", 1), event("gone", "view", 1)],
+        );
+        let d = diff(&live, 2, &candidate);
+        assert_eq!(d.kept_both, 3);
+        assert_eq!(d.changed, 2);
+        assert_eq!(d.live_only, 1);
+        assert_eq!(d.candidate_only, 1);
+        assert_eq!(d.live_rejected, 1 + 2, "live failures count as rejected");
+        assert_eq!(d.candidate_rejected, 2);
+        assert_eq!(
+            d.fields,
+            BTreeMap::from([("event_type", 2), ("price_cents", 1)])
+        );
+    }
+
+    #[test]
+    fn repeated_ids_are_paired_in_order() {
+        let live = result(vec![event("a", "view", 1), event("a", "view", 2)], vec![]);
+        let candidate = result(vec![event("a", "view", 1)], vec![]);
+        let d = diff(&live, 0, &candidate);
+        assert_eq!((d.kept_both, d.changed, d.live_only), (1, 0, 1));
+        let d = diff(&candidate, 0, &live);
+        assert_eq!((d.kept_both, d.candidate_only), (1, 1));
+    }
+
+    proptest::proptest! {
+        /// Whatever two versions return, every kept event is counted once
+        /// on each side, and changes are only counted for pairs.
+        #[test]
+        fn counts_account_for_every_kept_event(
+            live in proptest::collection::vec((0u8..8, 0i64..3), 0..40),
+            candidate in proptest::collection::vec((0u8..8, 0i64..3), 0..40),
+        ) {
+            let events = |v: &[(u8, i64)]| -> Vec<Event> {
+                v.iter().map(|(id, price)| event(&id.to_string(), "view", *price)).collect()
+            };
+            let (l, c) = (result(events(&live), vec![]), result(events(&candidate), vec![]));
+            let d = diff(&l, 0, &c);
+            proptest::prop_assert_eq!(d.kept_both + d.live_only, live.len());
+            proptest::prop_assert_eq!(d.kept_both + d.candidate_only, candidate.len());
+            proptest::prop_assert!(d.changed <= d.kept_both);
+            proptest::prop_assert_eq!(d.fields.get("price_cents").copied().unwrap_or(0), d.changed);
+            // Symmetric: swapping the roles swaps the one-sided counts.
+            let back = diff(&c, 0, &l);
+            proptest::prop_assert_eq!((back.kept_both, back.live_only, back.candidate_only), (d.kept_both, d.candidate_only, d.live_only));
+        }
+    }
+
+    #[test]
+    fn every_field_is_compared() {
+        let a = event("a", "view", 1);
+        let mut b = a.clone();
+        b.user_id = 2;
+        b.product_id = 3;
+        b.event_time = 4;
+        assert_eq!(
+            changed_fields(&a, &b),
+            vec!["user_id", "product_id", "event_time"]
+        );
+        assert!(changed_fields(&a, &a.clone()).is_empty());
+    }
+}
