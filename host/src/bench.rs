@@ -91,6 +91,11 @@ pub struct Report {
     pub batches: i64,
     pub peak_rss_mb: f64,
     pub startup_ms: Option<f64>,
+    /// The embedded PostgreSQL (the default without --database-url):
+    /// initdb + first start, and a start of the existing cluster; not part
+    /// of `startup_ms`. `None` where no server binaries are installed.
+    pub embedded_init_ms: Option<f64>,
+    pub embedded_start_ms: Option<f64>,
     pub latency: Vec<Latency>,
     pub idle_rss_mb: Option<f64>,
 }
@@ -203,6 +208,9 @@ pub fn run(config: BenchConfig) -> anyhow::Result<Report> {
             .await?;
         anyhow::Ok(())
     })?;
+    if config.latency_seconds > 0 {
+        embedded_start(&config.work_dir.join("embedded"), &mut report);
+    }
     print(&report);
     if let Some(dir) = config.output.parent() {
         std::fs::create_dir_all(dir).ok();
@@ -592,6 +600,29 @@ async fn wait_visible(client: &Client, ids: &[String], patience: Duration) -> an
     }
 }
 
+/// Times the embedded PostgreSQL's start: a new cluster (initdb), then
+/// the same cluster again. Reported, not fatal: the machine may have no
+/// server binaries, and the pipeline figures stand without it.
+fn embedded_start(dir: &Path, report: &mut Report) {
+    use crate::embedded::{EmbeddedPostgres, Tuning};
+    let _ = std::fs::remove_dir_all(dir);
+    let mut timed = || -> Result<f64, crate::embedded::EmbeddedError> {
+        let started = Instant::now();
+        let server = EmbeddedPostgres::start(dir, &Tuning::default())?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        drop(server); // stops it
+        Ok(ms)
+    };
+    match (timed(), timed()) {
+        (Ok(init), Ok(start)) => {
+            report.embedded_init_ms = Some(init);
+            report.embedded_start_ms = Some(start);
+        }
+        (Err(e), _) | (_, Err(e)) => eprintln!("embedded PostgreSQL not measured: {e}"),
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Waits for the child and returns its exit status and peak RSS in KiB.
 ///
 /// The peak is the kernel's high-water mark of the child's own address
@@ -664,6 +695,12 @@ fn print(r: &Report) {
     line("peak RSS (backlog)", format!("{:.0} MB", r.peak_rss_mb));
     if let Some(ms) = r.startup_ms {
         line("start to first commit (cached)", format!("{ms:.0} ms"));
+    }
+    if let (Some(init), Some(start)) = (r.embedded_init_ms, r.embedded_start_ms) {
+        line(
+            "embedded PostgreSQL start",
+            format!("{start:.0} ms ({init:.0} ms the first time, with initdb)"),
+        );
     }
     for l in &r.latency {
         line(
