@@ -606,7 +606,7 @@ async fn wait_visible(client: &Client, ids: &[String], patience: Duration) -> an
 fn embedded_start(dir: &Path, report: &mut Report) {
     use crate::embedded::{EmbeddedPostgres, Tuning};
     let _ = std::fs::remove_dir_all(dir);
-    let mut timed = || -> Result<f64, crate::embedded::EmbeddedError> {
+    let timed = || -> Result<f64, crate::embedded::EmbeddedError> {
         let started = Instant::now();
         let server = EmbeddedPostgres::start(dir, &Tuning::default())?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;

@@ -4,7 +4,7 @@
 //!  source thread ──batches──▶ stage thread ──commits──▶ sink (async)
 //!  (files, parse, batch)      (wasm chain, swaps)       (one tx per batch)
 //! ```
-//! The channels hold two items each: parse, stages and database overlap
+//! The channels hold one item each: parse, stages and database overlap
 //! in time, and a slow database stops the source instead of filling
 //! memory. Shutdown (SIGINT/SIGTERM, or the end of `--once`) closes the
 //! source; what it has read flows through and is committed before exit.
@@ -145,8 +145,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
         }
     }
 
-    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(2);
-    let (commit_tx, mut commit_rx) = mpsc::channel::<Commit>(2);
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
+    let (commit_tx, mut commit_rx) = mpsc::channel::<Commit>(1);
     let (plan_tx, plan_rx) = std::sync::mpsc::channel::<Vec<Prepared>>();
 
     let source = Source::new(
