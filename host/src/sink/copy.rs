@@ -26,31 +26,21 @@ const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 /// `(event_id text, user_id int4, event_type text, product_id int4,
 ///   price_cents int8, event_time timestamp)`.
 pub fn encode_staging(events: &[Event]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(19 + events.len() * 110 + 2);
-    buf.put_slice(SIGNATURE);
-    buf.put_i32(0);
-    buf.put_i32(0);
-    for e in events {
-        buf.put_i16(6);
-        put_text(&mut buf, &e.event_id);
-        buf.put_i32(4);
-        buf.put_i32(e.user_id);
-        put_text(&mut buf, &e.event_type);
-        buf.put_i32(4);
-        buf.put_i32(e.product_id);
+    encode(events, |buf, cents| {
         buf.put_i32(8);
-        buf.put_i64(e.price_cents);
-        buf.put_i32(8);
-        buf.put_i64(e.event_time - PG_EPOCH_OFFSET_US);
-    }
-    buf.put_i16(-1);
-    buf.freeze()
+        buf.put_i64(cents);
+    })
 }
 
 /// Encodes rows for `ecommerce_events` itself
 /// `(event_id, user_id, event_type, product_id, price NUMERIC, event_time)`.
 pub fn encode_events(events: &[Event]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(19 + events.len() * 120 + 2);
+    encode(events, put_numeric_cents)
+}
+
+/// The rows of a COPY stream; the tables differ only in the price column.
+fn encode(events: &[Event], put_price: impl Fn(&mut BytesMut, i64)) -> Bytes {
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + events.len() * 120 + TRAILER_LEN);
     buf.put_slice(SIGNATURE);
     buf.put_i32(0);
     buf.put_i32(0);
@@ -62,7 +52,7 @@ pub fn encode_events(events: &[Event]) -> Bytes {
         put_text(&mut buf, &e.event_type);
         buf.put_i32(4);
         buf.put_i32(e.product_id);
-        put_numeric_cents(&mut buf, e.price_cents);
+        put_price(&mut buf, e.price_cents);
         buf.put_i32(8);
         buf.put_i64(e.event_time - PG_EPOCH_OFFSET_US);
     }
