@@ -18,7 +18,9 @@ mod component;
 use std::collections::{HashMap, VecDeque};
 
 pub const MAGIC: &[u8; 4] = b"DDUP";
-pub const FORMAT_VERSION: u8 = 1;
+/// Version 2 stores canonical UUID ids as 16 bytes; version 1 (ids as
+/// text) is still read, so state survives a swap from an older build.
+pub const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -79,33 +81,6 @@ impl Key {
         match pack_uuid(id.as_bytes()) {
             Some(bits) => Key::Uuid(bits),
             None => Key::Text(id.into()),
-        }
-    }
-
-    fn write_text(&self, out: &mut Vec<u8>) {
-        match self {
-            Key::Uuid(bits) => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                let mut text = [0u8; 36];
-                let mut nibble = 32;
-                for (i, byte) in text.iter_mut().enumerate() {
-                    if matches!(i, 8 | 13 | 18 | 23) {
-                        *byte = b'-';
-                    } else {
-                        nibble -= 1;
-                        *byte = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
-                    }
-                }
-                out.extend_from_slice(&text);
-            }
-            Key::Text(text) => out.extend_from_slice(text.as_bytes()),
-        }
-    }
-
-    fn text_len(&self) -> usize {
-        match self {
-            Key::Uuid(_) => 36,
-            Key::Text(text) => text.len(),
         }
     }
 }
@@ -224,17 +199,28 @@ impl Dedup {
         }
     }
 
-    /// MAGIC, version, newest (i64 LE), count (u32 LE), then per id:
-    /// length (u16 LE), bytes, event time (i64 LE), oldest first.
+    /// MAGIC, version 2, newest (i64 LE), count (u32 LE), then per id,
+    /// oldest first: tag 0 and the UUID's 16 bytes, or tag 1, length (u16
+    /// LE) and the text; then its event time (i64 LE). Half the size of
+    /// version 1, which held every id as text.
     pub fn snapshot(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(17 + self.order.len() * 48);
+        let mut out = Vec::with_capacity(17 + self.order.len() * 25);
         out.extend_from_slice(MAGIC);
         out.push(FORMAT_VERSION);
         out.extend_from_slice(&self.newest.to_le_bytes());
         out.extend_from_slice(&(self.order.len() as u32).to_le_bytes());
         for key in &self.order {
-            out.extend_from_slice(&(key.text_len() as u16).to_le_bytes());
-            key.write_text(&mut out);
+            match key {
+                Key::Uuid(bits) => {
+                    out.push(0);
+                    out.extend_from_slice(&bits.to_be_bytes());
+                }
+                Key::Text(text) => {
+                    out.push(1);
+                    out.extend_from_slice(&(text.len() as u16).to_le_bytes());
+                    out.extend_from_slice(text.as_bytes());
+                }
+            }
             out.extend_from_slice(&self.seen.get(key).copied().unwrap_or(0).to_le_bytes());
         }
         out
@@ -248,10 +234,10 @@ impl Dedup {
         if state.len() < 17 || &state[..4] != MAGIC {
             return Err("not a dedup snapshot (bad magic bytes)".into());
         }
-        if state[4] != FORMAT_VERSION {
+        let version = state[4];
+        if version != 1 && version != 2 {
             return Err(format!(
-                "dedup snapshot format version {} is not supported (this build reads version {FORMAT_VERSION})",
-                state[4]
+                "dedup snapshot format version {version} is not supported (this build reads versions 1 and {FORMAT_VERSION})"
             ));
         }
         let truncated = || "dedup snapshot is truncated".to_string();
@@ -259,7 +245,22 @@ impl Dedup {
         let count = u32::from_le_bytes(state[13..17].try_into().map_err(|_| truncated())?) as usize;
         let mut fresh = Dedup::new(self.config.clone());
         let mut at = 17;
+        let take = |at: &mut usize, n: usize| -> Result<&[u8], String> {
+            let bytes = state.get(*at..*at + n).ok_or_else(truncated)?;
+            *at += n;
+            Ok(bytes)
+        };
         for _ in 0..count {
+            if version == 2 && take(&mut at, 1)?[0] == 0 {
+                let bits =
+                    u128::from_be_bytes(take(&mut at, 16)?.try_into().map_err(|_| truncated())?);
+                let time =
+                    i64::from_le_bytes(take(&mut at, 8)?.try_into().map_err(|_| truncated())?);
+                if fresh.seen.insert(Key::Uuid(bits), time).is_none() {
+                    fresh.order.push_back(Key::Uuid(bits));
+                }
+                continue;
+            }
             let len = u16::from_le_bytes(
                 state
                     .get(at..at + 2)
@@ -309,13 +310,10 @@ mod tests {
     }
 
     #[test]
-    fn uuids_are_packed_and_written_back_exactly() {
+    fn uuids_are_packed_and_survive_a_snapshot() {
         let id = "0f8fad5b-d9cb-469f-a165-70867728950e";
         let key = Key::new(id);
         assert!(matches!(key, Key::Uuid(_)));
-        let mut text = Vec::new();
-        key.write_text(&mut text);
-        assert_eq!(text, id.as_bytes());
         // Not canonical: kept as text, so equality stays exact.
         for other in [
             "0F8FAD5B-D9CB-469F-A165-70867728950E",
@@ -333,6 +331,26 @@ mod tests {
         assert!(!e.admit(id, 3));
         assert!(!e.admit("0F8FAD5B-D9CB-469F-A165-70867728950E", 3));
         assert_eq!(e.snapshot(), d.snapshot());
+    }
+
+    #[test]
+    fn version_1_snapshots_are_still_read() {
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(MAGIC);
+        v1.push(1);
+        v1.extend_from_slice(&7i64.to_le_bytes());
+        v1.extend_from_slice(&2u32.to_le_bytes());
+        for (id, time) in [("0f8fad5b-d9cb-469f-a165-70867728950e", 5i64), ("id-1", 7)] {
+            v1.extend_from_slice(&(id.len() as u16).to_le_bytes());
+            v1.extend_from_slice(id.as_bytes());
+            v1.extend_from_slice(&time.to_le_bytes());
+        }
+        let mut d = Dedup::new(Config::default());
+        d.restore(&v1).unwrap();
+        assert_eq!(d.len(), 2);
+        assert!(!d.admit("0f8fad5b-d9cb-469f-a165-70867728950e", 8));
+        assert!(!d.admit("id-1", 8));
+        assert_eq!(d.snapshot()[4], FORMAT_VERSION);
     }
 
     #[test]
