@@ -139,6 +139,8 @@ impl Slot {
         result: &BatchResult,
         failed: usize,
     ) -> Option<ShadowDiff> {
+        // Most stages have no candidate: no version strings built for them.
+        self.shadow.as_ref()?;
         let version = self.version();
         let shadow = self.shadow.as_mut()?;
         Some(shadow.run(runtime, version, input, result, failed, &self.base_state))
