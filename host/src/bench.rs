@@ -259,16 +259,16 @@ fn database_url(admin: &str, db: &str) -> String {
     }
 }
 
-/// The ceiling table and the pipeline's table, both holding `preload`
-/// rows (the same ones) when asked. Loaded without the key, which is
-/// then built once: as fast as a fresh load gets.
+/// The pipeline's table, as the host defines it, and the ceiling's copy
+/// of it, both holding `preload` rows (the same ones) when asked. Loaded
+/// without the key, which is then built once: as fast as a load gets.
 async fn prepare_tables(client: &Client, preload: usize) -> anyhow::Result<()> {
-    let columns = "event_id VARCHAR(36) NOT NULL, user_id INT NOT NULL, event_type VARCHAR(20) NOT NULL, \
-                   product_id INT NOT NULL, price NUMERIC(10,2) NOT NULL, event_time TIMESTAMP NOT NULL";
+    client.batch_execute(schema::EVENTS_TABLE).await?;
     client
-        .batch_execute(&format!(
-            "CREATE TABLE ceiling ({columns}); CREATE TABLE ecommerce_events ({columns});"
-        ))
+        .batch_execute(
+            "ALTER TABLE ecommerce_events DROP CONSTRAINT ecommerce_events_pkey;
+             CREATE TABLE ceiling (LIKE ecommerce_events INCLUDING ALL);",
+        )
         .await?;
     if preload > 0 {
         eprintln!("preloading {preload} rows into both tables");
@@ -300,15 +300,13 @@ async fn prepare_tables(client: &Client, preload: usize) -> anyhow::Result<()> {
     }
     for statement in [
         "ALTER TABLE ceiling ADD PRIMARY KEY (event_id)",
-        "ALTER TABLE ecommerce_events ADD PRIMARY KEY (event_id)",
+        "ALTER TABLE ecommerce_events ADD CONSTRAINT ecommerce_events_pkey PRIMARY KEY (event_id)",
         "VACUUM ANALYZE ceiling",
         "VACUUM ANALYZE ecommerce_events",
         "CHECKPOINT",
     ] {
         client.batch_execute(statement).await?;
     }
-    // The host would create it the same way; this checks they agree.
-    client.batch_execute(schema::EVENTS_TABLE).await?;
     Ok(())
 }
 

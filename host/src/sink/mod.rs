@@ -86,9 +86,9 @@ pub struct Committed {
 
 pub struct Sink {
     url: String,
-    client: Option<Client>,
-    /// Prepared on `client` when it connected.
-    statements: Option<Statements>,
+    /// The connection and the statements prepared on it: they come and
+    /// go together.
+    conn: Option<(Client, Statements)>,
     /// Batches still to send through staging after the last conflict.
     staging_for: u32,
 }
@@ -102,8 +102,7 @@ impl Sink {
     pub async fn connect(url: &str, patience: Duration) -> Result<Sink, SinkError> {
         let mut sink = Sink {
             url: url.to_owned(),
-            client: None,
-            statements: None,
+            conn: None,
             staging_for: 0,
         };
         let deadline = Instant::now() + patience;
@@ -125,7 +124,7 @@ impl Sink {
     }
 
     async fn reconnect(&mut self) -> Result<(), SinkError> {
-        self.client = None;
+        self.conn = None;
         let (client, connection) =
             tokio_postgres::connect(&self.url, NoTls)
                 .await
@@ -153,13 +152,13 @@ impl Sink {
         if !locked {
             return Err(SinkError::Locked(schema::HOST_LOCK));
         }
-        self.statements = Some(Statements::prepare(&client).await?);
-        self.client = Some(client);
+        let statements = Statements::prepare(&client).await?;
+        self.conn = Some((client, statements));
         Ok(())
     }
 
     pub async fn checkpoint(&self) -> Result<Checkpoint, SinkError> {
-        let client = self.client.as_ref().ok_or(SinkError::Shutdown)?;
+        let (client, _) = self.conn.as_ref().ok_or(SinkError::Shutdown)?;
         Ok(checkpoint::load(client).await?)
     }
 
@@ -172,11 +171,10 @@ impl Sink {
         let mut uncertain = false;
         loop {
             let attempt = async {
-                if self.client.is_none() {
+                if self.conn.is_none() {
                     self.reconnect().await?;
                 }
-                let client = self.client.as_mut().ok_or(SinkError::Shutdown)?;
-                let st = self.statements.as_ref().ok_or(SinkError::Shutdown)?;
+                let (client, st) = self.conn.as_mut().ok_or(SinkError::Shutdown)?;
                 if uncertain {
                     // The last attempt died around COMMIT: did it land?
                     if let Some(row) = client
@@ -217,7 +215,7 @@ impl Sink {
                     m.db_errors.fetch_add(1, Ordering::Relaxed);
                     m.set_db_down(true);
                     uncertain = true;
-                    self.client = None;
+                    self.conn = None;
                     let wait = backoff.next_wait();
                     tracing::warn!(batch = %commit.id, "cannot commit batch: {e}; retrying in {wait:?}");
                     tokio::time::sleep(wait).await;
