@@ -214,6 +214,7 @@ impl Sink {
                 Err(e) => {
                     m.db_errors.fetch_add(1, Ordering::Relaxed);
                     m.set_db_down(true);
+                    m.db_error(format!("cannot commit batch {}: {e}", commit.id));
                     uncertain = true;
                     self.conn = None;
                     let wait = backoff.next_wait();
