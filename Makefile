@@ -8,7 +8,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 HOST := target/release/host
 
-.PHONY: run build plugins examples fixtures test lint toolchain postgres clean bench bench-languages
+.PHONY: run build plugins examples fixtures test lint toolchain postgres browser clean bench bench-languages
 
 run: build
 	@mkdir -p data/input
@@ -57,7 +57,14 @@ postgres:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null; \
 	else echo "PostgreSQL: none running; the tests start their own"; fi
 
-test: build examples fixtures postgres
+# Headless Chromium (Debian's package) and tmux for the dashboard and
+# `host top` tests (host/tests/dashboard.rs, host/tests/top.rs).
+browser:
+	@command -v chromium >/dev/null && command -v tmux >/dev/null || \
+	  (echo "installing chromium and tmux for the dashboard tests"; \
+	   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium tmux >/dev/null)
+
+test: build examples fixtures postgres browser
 	cd plugins/python/currency && python3 -m unittest -q test_app
 	$(CARGO) test --release --workspace
 	cd plugins/rust && $(CARGO) test --release
