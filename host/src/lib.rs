@@ -27,3 +27,4 @@ pub mod source;
 pub mod stage;
 pub mod status;
 pub mod top;
+pub mod watch;
