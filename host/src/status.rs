@@ -502,7 +502,7 @@ impl Status {
             })
             .collect();
         let mut by_reason = s.quarantine.clone();
-        by_reason.sort_by(|a, b| b.count.cmp(&a.count));
+        by_reason.sort_by_key(|g| std::cmp::Reverse(g.count));
         let paused = m.paused_stages();
         let problems = m.health().map(|h| h.lines().map(str::to_owned).collect());
         Document {

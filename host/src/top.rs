@@ -151,9 +151,9 @@ impl App {
         match self.sort {
             Sort::Chain => {}
             Sort::Name => stages.sort_by(|a, b| a.name.cmp(&b.name)),
-            Sort::EventsIn => stages.sort_by(|a, b| b.events_in.cmp(&a.events_in)),
+            Sort::EventsIn => stages.sort_by_key(|s| std::cmp::Reverse(s.events_in)),
             Sort::Rate => stages.sort_by(|a, b| b.rate_in.total_cmp(&a.rate_in)),
-            Sort::Failed => stages.sort_by(|a, b| b.failed.cmp(&a.failed)),
+            Sort::Failed => stages.sort_by_key(|s| std::cmp::Reverse(s.failed)),
             Sort::Latency => stages.sort_by(|a, b| b.ms_per_batch.total_cmp(&a.ms_per_batch)),
         }
         if self.reverse {

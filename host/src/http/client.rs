@@ -73,7 +73,10 @@ pub fn get(addr: &str, path: &str, timeout: Duration) -> Result<String, ClientEr
         return Err(ClientError::Status {
             addr: addr.to_owned(),
             path: path.to_owned(),
-            status: status.splitn(2, ' ').nth(1).unwrap_or(status).to_owned(),
+            status: status
+                .split_once(' ')
+                .map_or(status, |(_, rest)| rest)
+                .to_owned(),
         });
     }
     Ok(body.to_owned())
