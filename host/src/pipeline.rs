@@ -335,7 +335,8 @@ fn run_stages(
         return Ok(());
     }
     let snapshots = chain.snapshots(true);
-    if !snapshots.is_empty() {
+    let shadow_diffs = chain.finish_shadows();
+    if !snapshots.is_empty() || !shadow_diffs.is_empty() {
         let stages = chain
             .versions()
             .into_iter()
@@ -352,6 +353,7 @@ fn run_stages(
             id: uuid::Uuid::new_v4(),
             snapshots,
             stages,
+            shadow_diffs,
             plugin_events: crate::stage::events::drain(),
             ..Commit::default()
         });

@@ -430,6 +430,16 @@ impl Chain {
         slot.run(&runtime, events, failed)
     }
 
+    /// The shadow diffs still in flight, waited for: at the end of the
+    /// input, so the last batches' diffs are committed too.
+    pub fn finish_shadows(&mut self) -> Vec<ShadowDiff> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.shadow.as_ref())
+            .flat_map(ShadowWorker::finish)
+            .collect()
+    }
+
     /// Every stage's state, to commit with the batch just processed. An
     /// every-batch stage gives the state its last attempt took; an
     /// interval stage is asked for a snapshot when `due`. A stage that

@@ -367,6 +367,9 @@ pub struct ShadowWorker {
     candidate: Candidate,
     jobs: mpsc::SyncSender<Job>,
     diffs: mpsc::Receiver<ShadowDiff>,
+    /// Batches handed over whose diff has not been collected yet.
+    pending: std::cell::Cell<usize>,
+    limit: Duration,
 }
 
 impl ShadowWorker {
@@ -382,6 +385,7 @@ impl ShadowWorker {
         let (diff_tx, diffs) = mpsc::sync_channel::<ShadowDiff>(4);
         let theirs = candidate.clone();
         let name = live.name.clone();
+        let limit = live.limits.time_per_batch;
         let spawned = std::thread::Builder::new()
             .name(format!("shadow-{name}"))
             .spawn(move || {
@@ -430,6 +434,8 @@ impl ShadowWorker {
             candidate,
             jobs,
             diffs,
+            pending: std::cell::Cell::new(0),
+            limit,
         }
     }
 
@@ -454,12 +460,37 @@ impl ShadowWorker {
             live_failed,
             live_state: live_state.to_vec(),
         };
-        let _ = self.jobs.try_send(job);
+        if self.jobs.try_send(job).is_ok() {
+            self.pending.set(self.pending.get() + 1);
+        }
     }
 
     /// The diffs finished since the last call.
     pub fn ready(&self) -> Vec<ShadowDiff> {
-        self.diffs.try_iter().collect()
+        let out: Vec<ShadowDiff> = self.diffs.try_iter().collect();
+        self.pending
+            .set(self.pending.get().saturating_sub(out.len()));
+        out
+    }
+
+    /// Waits for the batches handed over (at the end of the input, so
+    /// their diffs are committed too), each for at most the candidate's
+    /// time limit and its restart.
+    pub fn finish(&self) -> Vec<ShadowDiff> {
+        let mut out = self.ready();
+        while self.pending.get() > 0 {
+            match self
+                .diffs
+                .recv_timeout(self.limit * 3 + Duration::from_secs(1))
+            {
+                Ok(diff) => {
+                    out.push(diff);
+                    self.pending.set(self.pending.get() - 1);
+                }
+                Err(_) => break,
+            }
+        }
+        out
     }
 }
 
