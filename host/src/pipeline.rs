@@ -113,7 +113,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
 
     let db = database(&config).await?;
     let mut sink = Sink::connect(&db.url, config.connect_timeout).await?;
-    let checkpoint = sink.checkpoint().await?;
+    let mut checkpoint = sink.checkpoint().await?;
     tracing::info!(
         files = checkpoint.positions.len(),
         stages_with_state = checkpoint.states.len(),
@@ -130,7 +130,46 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
             load_ms = p.component.load_time.as_millis() as u64, "stage loaded");
         metrics::global().plugin_loaded(&p.spec.name);
     }
-    let chain = Chain::start(runtime.clone(), plan.clone(), &checkpoint.states)?;
+    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
+    let (commit_tx, mut commit_rx) = mpsc::channel::<Commit>(1);
+    let (plan_tx, plan_rx) = std::sync::mpsc::channel::<Vec<Prepared>>();
+
+    let settings = StageSettings {
+        snapshot_interval: config.snapshot_interval,
+        pause_after: config.pause_after,
+        shutdown: shutdown.clone(),
+    };
+    // The stages start on their own thread, not in this async context:
+    // `init` and `restore` may make blocking WASI calls, and every call
+    // into a stage is driven by that thread's own executor. The source
+    // starts once they have.
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let states = std::mem::take(&mut checkpoint.states);
+    let stage_runtime = runtime.clone();
+    let stage_plan = plan.clone();
+    let stage_thread = std::thread::Builder::new()
+        .name("stages".into())
+        .spawn(move || {
+            let chain = match Chain::start(stage_runtime, stage_plan, &states) {
+                Ok(chain) => {
+                    let _ = started_tx.send(Ok(chain.versions()));
+                    chain
+                }
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                    return Ok(());
+                }
+            };
+            run_stages(chain, batch_rx, commit_tx, plan_rx, settings)
+        })?;
+    let versions = match started_rx.await {
+        Ok(Ok(versions)) => versions,
+        Ok(Err(e)) => {
+            let _ = stage_thread.join();
+            return Err(e.into());
+        }
+        Err(_) => anyhow::bail!("the stage thread stopped while starting the stages"),
+    };
 
     let committed: HashMap<String, u64> = checkpoint
         .positions
@@ -140,7 +179,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     let status = Arc::new(Status::new(
         config.input.clone(),
         committed.clone(),
-        &chain.versions(),
+        &versions,
     ));
     if let Some(addr) = &config.metrics_addr {
         serve_http(addr, status.clone(), shutdown.clone()).await;
@@ -148,10 +187,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     let mut progress = config
         .once
         .then(|| BackfillProgress::new(&config.input, &committed));
-
-    let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
-    let (commit_tx, mut commit_rx) = mpsc::channel::<Commit>(1);
-    let (plan_tx, plan_rx) = std::sync::mpsc::channel::<Vec<Prepared>>();
 
     let source = Source::new(
         SourceConfig::new(config.input.clone(), config.once),
@@ -162,15 +197,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     let source_thread = std::thread::Builder::new()
         .name("source".into())
         .spawn(move || source.run(batcher, batch_tx))?;
-
-    let settings = StageSettings {
-        snapshot_interval: config.snapshot_interval,
-        pause_after: config.pause_after,
-        shutdown: shutdown.clone(),
-    };
-    let stage_thread = std::thread::Builder::new()
-        .name("stages".into())
-        .spawn(move || run_stages(chain, batch_rx, commit_tx, plan_rx, settings))?;
 
     if !config.once {
         let plugins = config.plugins.clone();
@@ -367,7 +393,7 @@ fn run_stages(
             // The held batch goes to the new version. If that one fails all
             // of it too, nothing of it may stick: not the rows, not the
             // quarantine, not what earlier stages learnt from it.
-            let before = chain.snapshots();
+            let before = chain.snapshots(true);
             let again = batch.clone();
             let commit = process(&mut chain, batch, m, due);
             if let Err(pause) = breaker.probe_result(&commit.stages) {
@@ -394,8 +420,9 @@ fn run_stages(
     if !processed_any {
         return Ok(());
     }
-    let snapshots = chain.snapshots();
-    if !snapshots.is_empty() {
+    let snapshots = chain.snapshots(true);
+    let shadow_diffs = chain.finish_shadows();
+    if !snapshots.is_empty() || !shadow_diffs.is_empty() {
         let stages = chain
             .versions()
             .into_iter()
@@ -412,6 +439,7 @@ fn run_stages(
             id: uuid::Uuid::new_v4(),
             snapshots,
             stages,
+            shadow_diffs,
             plugin_events: crate::stage::events::drain(),
             ..Commit::default()
         });
@@ -492,8 +520,9 @@ fn wait_for_swap(
     Wait::Resumed
 }
 
-/// Runs one batch through the chain and gathers what its commit holds;
-/// `with_snapshots` adds the stages' state. Metrics are recorded by
+/// Runs one batch through the chain and gathers what its commit holds,
+/// with the state of every every-batch stage, and of the interval ones
+/// when `with_snapshots`. Metrics are recorded by
 /// `record` once the commit is sure to be sent.
 fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -> Commit {
     let rows_in = batch.rows();
@@ -522,11 +551,7 @@ fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -
         .events
         .len()
         .saturating_sub(out.events.len() + rejections.len());
-    let snapshots = if with_snapshots {
-        chain.snapshots()
-    } else {
-        Vec::new()
-    };
+    let snapshots = chain.snapshots(with_snapshots);
     Commit {
         id: batch.id,
         opened: Some(batch.opened),

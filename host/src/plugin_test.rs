@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::parse::FileParser;
 use crate::stage::chain::{Chain, Prepared};
 use crate::stage::limits::{Grants, Limits};
-use crate::stage::manifest::{OnIncompatibleState, StageSpec};
+use crate::stage::manifest::{OnIncompatibleState, SnapshotPolicy, StageSpec};
 use crate::stage::runtime::Runtime;
 use crate::stage::Event;
 
@@ -65,6 +65,7 @@ pub fn run(t: PluginTest) -> anyhow::Result<Summary> {
         limits: Limits::default(),
         grants: Grants::parse(&t.grants).map_err(anyhow::Error::msg)?,
         on_incompatible_state: OnIncompatibleState::Reset,
+        snapshot: SnapshotPolicy::EveryBatch,
     };
     let mut chain = Chain::start(
         runtime,

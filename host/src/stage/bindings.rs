@@ -8,6 +8,9 @@ wasmtime::component::bindgen!({
     world: "plugin",
     path: "../wit",
     additional_derives: [PartialEq, Eq, Hash],
+    // Guest calls are futures: the stage's call wraps each in a timeout,
+    // so the time limit also covers time spent in host calls.
+    exports: { default: async },
 });
 
 pub use ecommerce::pipeline::types::{BatchResult, Event, Rejected};

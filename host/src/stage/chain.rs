@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use super::bindings::{BatchResult, Event};
 use super::events::{self, PluginEvent, PluginEventKind};
 use super::instance::StageInstance;
-use super::manifest::{OnIncompatibleState, StageSpec};
+use super::manifest::{OnIncompatibleState, SnapshotPolicy, StageSpec};
 use super::output;
 use super::runtime::{LoadedComponent, Runtime};
-use super::shadow::{self, Shadow, ShadowDiff};
+use super::shadow::{self, ShadowDiff, ShadowWorker};
 use super::StageError;
 
 /// A stage ready to start: its manifest entry and its checked component.
@@ -87,17 +87,29 @@ pub struct SwapReport {
 struct Slot {
     prepared: Prepared,
     live: StageInstance,
-    /// The state the last fresh instance was given; a replacement after a
-    /// trap starts from it (a stale state is safe: the table's primary key
-    /// still rejects what a stale dedup set lets through).
+    /// The stage's state as of the last batch it completed: for
+    /// `snapshot = "every-batch"` taken after each successful attempt
+    /// (so a replacement after a trap, or the next half of a bisection,
+    /// goes on from exactly what the completed events taught the stage);
+    /// for `"interval"` the last snapshot taken (a stale state is safe
+    /// there: the table's primary key still rejects what a stale dedup set
+    /// lets through).
     base_state: Vec<u8>,
     /// The slot this one replaced, kept until this one's first batch works.
     previous: Option<Box<Slot>>,
-    shadow: Option<Shadow>,
+    shadow: Option<ShadowWorker>,
 }
 
 impl Slot {
-    fn start(runtime: &Runtime, prepared: Prepared, state: Vec<u8>) -> Result<Slot, StageError> {
+    /// Starts a stage and restores `state` into it. A state it cannot
+    /// restore (it refuses it, traps or runs out of time) is a
+    /// [`StageError::Restore`]: the caller applies the stage's
+    /// `on-incompatible-state`.
+    fn start(
+        runtime: &Arc<Runtime>,
+        prepared: Prepared,
+        state: Vec<u8>,
+    ) -> Result<Slot, StageError> {
         let live =
             StageInstance::start(runtime, prepared.spec.clone(), prepared.component.clone())?;
         let mut slot = Slot {
@@ -108,47 +120,47 @@ impl Slot {
             shadow: None,
         };
         if !state.is_empty() {
-            match slot.live.restore(&state)? {
-                Ok(()) => slot.base_state = state,
-                Err(reason) => {
-                    return Err(StageError::Init {
-                        stage: slot.live.name().to_owned(),
-                        message: format!("cannot restore its state: {reason}"),
-                    })
-                }
-            }
+            slot.live.restore(&state)?;
+            slot.base_state = state;
         }
         // The candidate gets the state the live version accepted.
         if let Some(candidate) = &slot.prepared.shadow {
-            slot.shadow = Some(Shadow::start(
-                runtime,
-                &slot.prepared.spec,
+            slot.shadow = Some(ShadowWorker::start(
+                runtime.clone(),
+                slot.prepared.spec.clone(),
                 candidate.clone(),
-                &slot.base_state,
+                slot.base_state.clone(),
             ));
         }
         Ok(slot)
     }
 
-    /// Runs the shadow candidate, if any, on the batch the live version
-    /// just processed; its failures stay inside the returned diff.
+    /// Hands the batch the live version just processed to the shadow
+    /// candidate, if any, without waiting for it; returns the diffs the
+    /// candidate has finished since (its failures stay inside them).
     fn shadow_run(
         &mut self,
-        runtime: &Runtime,
         input: &[Event],
         result: &BatchResult,
         failed: usize,
-    ) -> Option<ShadowDiff> {
+    ) -> Vec<ShadowDiff> {
         // Most stages have no candidate: no version strings built for them.
-        self.shadow.as_ref()?;
+        if self.shadow.is_none() {
+            return Vec::new();
+        }
         let version = self.version();
-        let shadow = self.shadow.as_mut()?;
-        Some(shadow.run(runtime, version, input, result, failed, &self.base_state))
+        match &self.shadow {
+            Some(shadow) => {
+                shadow.submit(version, input, result, failed, &self.base_state);
+                shadow.ready()
+            }
+            None => Vec::new(),
+        }
     }
 
     /// Takes a new plan entry for an unchanged live version: (re)starts
     /// the shadow candidate if it changed, handing it the live state.
-    fn keep(&mut self, runtime: &Runtime, prepared: Prepared) {
+    fn keep(&mut self, runtime: &Arc<Runtime>, prepared: Prepared) {
         if !shadow::same_candidate(self.prepared.shadow.as_ref(), prepared.shadow.as_ref()) {
             self.shadow = prepared.shadow.clone().map(|candidate| {
                 let state = match self.live.is_poisoned() {
@@ -158,7 +170,7 @@ impl Slot {
                         .snapshot()
                         .unwrap_or_else(|_| self.base_state.clone()),
                 };
-                Shadow::start(runtime, &prepared.spec, candidate, &state)
+                ShadowWorker::start(runtime.clone(), prepared.spec.clone(), candidate, state)
             });
         }
         self.prepared = prepared;
@@ -180,17 +192,15 @@ impl Slot {
             self.prepared.component.clone(),
         )?;
         if !self.base_state.is_empty() {
-            live.restore(&self.base_state)?
-                .map_err(|reason| StageError::Init {
-                    stage: live.name().to_owned(),
-                    message: format!("cannot restore its state: {reason}"),
-                })?;
+            live.restore(&self.base_state)?;
         }
         self.live = live;
         Ok(())
     }
 
-    /// One attempt: process and check the output.
+    /// One attempt: process, check the output, and for an every-batch
+    /// stage take its state; a snapshot that fails fails the attempt, as
+    /// the state it would commit is unknown.
     fn attempt(&mut self, runtime: &Runtime, events: &[Event]) -> Result<BatchResult, StageError> {
         if self.live.is_poisoned() {
             self.refresh(runtime)?;
@@ -200,7 +210,14 @@ impl Slot {
             stage: self.live.name().to_owned(),
             message,
         })?;
+        if self.every_batch() {
+            self.base_state = self.live.snapshot()?;
+        }
         Ok(result)
+    }
+
+    fn every_batch(&self) -> bool {
+        self.prepared.spec.snapshot == SnapshotPolicy::EveryBatch
     }
 
     /// Processes a batch, isolating the events that make the stage fail.
@@ -283,11 +300,33 @@ impl Chain {
             let state = states.get(&prepared.spec.name).cloned().unwrap_or_default();
             let slot = match Slot::start(&runtime, prepared.clone(), state) {
                 Ok(slot) => slot,
-                Err(StageError::Init { stage, message })
-                    if message.starts_with("cannot restore") =>
-                {
-                    tracing::warn!(stage, "{message}; starting it with empty state");
-                    Slot::start(&runtime, prepared, Vec::new())?
+                Err(StageError::Restore { stage, message }) => {
+                    match prepared.spec.on_incompatible_state {
+                        OnIncompatibleState::RefuseSwap => {
+                            return Err(StageError::RestoreRefused { stage, message })
+                        }
+                        OnIncompatibleState::Reset => {
+                            tracing::warn!(
+                                stage,
+                                "cannot restore the state committed for it ({message}); starting it with empty state (on-incompatible-state = reset)"
+                            );
+                            events::record(
+                                PluginEvent::new(&stage, PluginEventKind::StateReset)
+                                    .version(
+                                        prepared
+                                            .spec
+                                            .version
+                                            .as_deref()
+                                            .unwrap_or(prepared.component.short_hash()),
+                                        &prepared.component.hash,
+                                    )
+                                    .reason(format!(
+                                        "cannot restore its state ({message}); started empty (on-incompatible-state = reset)"
+                                    )),
+                            );
+                            Slot::start(&runtime, prepared, Vec::new())?
+                        }
+                    }
                 }
                 Err(e) => return Err(e),
             };
@@ -320,11 +359,8 @@ impl Chain {
             let current = owned.as_deref().unwrap_or(events);
             let rows_in = current.len();
             let result = self.run_slot(index, current, &mut failed);
-            if let Some(diff) =
-                self.slots[index].shadow_run(&self.runtime, current, &result, failed.len())
-            {
-                out.shadows.push(diff);
-            }
+            out.shadows
+                .extend(self.slots[index].shadow_run(current, &result, failed.len()));
             let slot = &self.slots[index];
             let name = slot.live.name().to_owned();
             out.runs.push(StageRun {
@@ -394,20 +430,39 @@ impl Chain {
         slot.run(&runtime, events, failed)
     }
 
-    /// Takes every stage's state, to commit with the next batch.
-    pub fn snapshots(&mut self) -> Vec<StageSnapshot> {
+    /// The shadow diffs still in flight, waited for: at the end of the
+    /// input, so the last batches' diffs are committed too.
+    pub fn finish_shadows(&mut self) -> Vec<ShadowDiff> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.shadow.as_ref())
+            .flat_map(ShadowWorker::finish)
+            .collect()
+    }
+
+    /// Every stage's state, to commit with the batch just processed. An
+    /// every-batch stage gives the state its last attempt took; an
+    /// interval stage is asked for a snapshot when `due`. A stage that
+    /// cannot give one (it failed, or its snapshot fails) commits the last
+    /// state it had: leaving it out would keep an older one in the table.
+    pub fn snapshots(&mut self, due: bool) -> Vec<StageSnapshot> {
         let mut out = Vec::with_capacity(self.slots.len());
         for slot in &mut self.slots {
-            match slot.live.snapshot() {
-                Ok(state) => {
-                    slot.base_state = state.clone();
-                    out.push(StageSnapshot {
-                        stage: slot.version(),
-                        state,
-                    });
-                }
-                Err(e) => tracing::warn!(stage = slot.live.name(), "cannot take a snapshot: {e}"),
+            if !slot.every_batch() && !due {
+                continue;
             }
+            if !slot.every_batch() && !slot.live.is_poisoned() {
+                match slot.live.snapshot() {
+                    Ok(state) => slot.base_state = state,
+                    Err(e) => {
+                        tracing::warn!(stage = slot.live.name(), "cannot take a snapshot: {e}")
+                    }
+                }
+            }
+            out.push(StageSnapshot {
+                stage: slot.version(),
+                state: slot.base_state.clone(),
+            });
         }
         out
     }
@@ -506,7 +561,8 @@ impl Chain {
         let policy = prepared.spec.on_incompatible_state;
         match Slot::start(&self.runtime, prepared.clone(), state) {
             Ok(slot) => Ok(slot),
-            Err(StageError::Init { stage, message }) if message.starts_with("cannot restore") => {
+            Err(StageError::Restore { stage, message }) => {
+                let message = format!("cannot restore its state: {message}");
                 match policy {
                     OnIncompatibleState::RefuseSwap => Err(format!(
                         "the new version {message} (on-incompatible-state = refuse-swap)"

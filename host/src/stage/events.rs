@@ -29,6 +29,11 @@ pub enum PluginEventKind {
     ShadowStarted,
     /// A shadow candidate could not be loaded or started.
     ShadowRejected,
+    /// A shadow candidate failed batch after batch and was disabled.
+    ShadowDisabled,
+    /// The stage could not restore its committed state at start-up and
+    /// was started empty (`on-incompatible-state = "reset"`).
+    StateReset,
 }
 
 impl PluginEventKind {
@@ -41,6 +46,8 @@ impl PluginEventKind {
             PluginEventKind::Removed => "removed",
             PluginEventKind::ShadowStarted => "shadow_started",
             PluginEventKind::ShadowRejected => "shadow_rejected",
+            PluginEventKind::StateReset => "state_reset",
+            PluginEventKind::ShadowDisabled => "shadow_disabled",
         }
     }
 }

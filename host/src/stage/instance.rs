@@ -1,22 +1,32 @@
 //! One live instance of a stage component: its own store (memory cap,
-//! epoch deadline, WASI context per the stage's grants) and the typed
-//! handle to its exports.
+//! WASI context per the stage's grants) and the handles to its exports.
 //!
 //! Lifecycle: `start` instantiates and calls `init` once; then `process`
-//! per batch, `snapshot` whenever the host commits state, and `restore`
-//! only right after `start`. An instance that has trapped is never used
-//! again: wasmtime leaves its memory in an unknown state.
+//! per batch, `snapshot` whenever the host takes the stage's state, and
+//! `restore` only right after `start`. An instance whose call failed in
+//! any way (trap, time or memory limit, output budget) is never used
+//! again: its memory may be half-changed.
+//!
+//! Every call runs under the stage's `time-per-batch`, host calls
+//! included: the call is a future (wasmtime async support) wrapped in a
+//! tokio timeout, and wasm code yields to it at every epoch tick. The
+//! future is driven by a small current-thread tokio runtime of the calling
+//! thread, so a call may be made from any plain thread (the stage thread,
+//! a shadow thread, `spawn_blocking`), never from inside an async task.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Func, ResourceTable};
 use wasmtime::Store;
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtxBuilder};
 
 use super::bindings::{BatchResult, Event, Plugin};
+use super::budget::{self, OverBudget, ProcessResult};
 use super::manifest::StageSpec;
-use super::runtime::{error_text, LoadedComponent, MemoryLimiter, Runtime, StoreData, EPOCH_TICK};
+use super::runtime::{error_text, LoadedComponent, MemoryLimiter, Runtime, StoreData};
 use super::StageError;
 
 pub struct StageInstance {
@@ -24,6 +34,8 @@ pub struct StageInstance {
     pub component: Arc<LoadedComponent>,
     store: Store<StoreData>,
     plugin: Plugin,
+    /// `process`, called through the budgeted lift (see `budget`).
+    process: Func,
     poisoned: bool,
 }
 
@@ -46,6 +58,43 @@ impl HostMonotonicClock for FrozenClock {
     fn now(&self) -> u64 {
         0
     }
+}
+
+thread_local! {
+    /// The executor of guest calls made on this thread.
+    static EXECUTOR: RefCell<Option<tokio::runtime::Runtime>> = const { RefCell::new(None) };
+}
+
+/// Runs a guest call's future on this thread's executor for at most
+/// `limit`: `None` when it ran out of time (the future is then dropped,
+/// which stops the guest wherever it was, in wasm or in a host call).
+fn limited<F: Future>(limit: Duration, future: F) -> Result<Option<F::Output>, StageError> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        // A bug of the caller, not of the stage: say so instead of the
+        // panic tokio would raise.
+        return Err(StageError::Engine(
+            "a stage was called from inside the async runtime; stage calls run on a plain thread"
+                .into(),
+        ));
+    }
+    EXECUTOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .enable_io()
+                .build()
+                .map_err(|e| StageError::Engine(format!("cannot start a stage executor: {e}")))?;
+            *slot = Some(rt);
+        }
+        match slot.as_ref() {
+            // The timer is made inside the executor, which drives it.
+            Some(rt) => {
+                Ok(rt.block_on(async move { tokio::time::timeout(limit, future).await.ok() }))
+            }
+            None => Err(StageError::Engine("no stage executor".into())),
+        }
+    })
 }
 
 impl StageInstance {
@@ -75,34 +124,57 @@ impl StageInstance {
             stage: Arc::from(spec.name.as_str()),
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            memory: MemoryLimiter {
-                max_bytes: spec.limits.memory_bytes,
-                hit: false,
-            },
+            memory: MemoryLimiter::new(spec.limits.memory_bytes),
         };
         let mut store = Store::new(runtime.engine(), data);
         store.limiter(|data| &mut data.memory);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(ticks(spec.limits.time_per_batch));
+        // Wasm code yields at every tick, so the call's timeout is checked
+        // even while it spins.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
 
-        let plugin = component
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| StageError::Init {
-                stage: spec.name.clone(),
-                message: format!("cannot instantiate: {}", error_text(&e)),
-            })?;
+        let cannot = |e: wasmtime::Error| StageError::Init {
+            stage: spec.name.clone(),
+            message: format!("cannot instantiate: {}", error_text(&e)),
+        };
+        // Without the clock grant the monotonic clock is the frozen one,
+        // whose pollables are ready at once: no clock call can block.
+        let pre = match spec.grants.clock {
+            true => &component.pre,
+            false => &component.pre_frozen,
+        };
+        let limit = spec.limits.time_per_batch;
+        let instance = match limited(limit, pre.instance_pre().instantiate_async(&mut store))? {
+            Some(result) => result.map_err(cannot)?,
+            None => {
+                return Err(StageError::TimeLimit {
+                    stage: spec.name.clone(),
+                    limit,
+                })
+            }
+        };
+        let plugin = Plugin::new(&mut store, &instance).map_err(cannot)?;
+        let process = process_export(&mut store, &instance).map_err(cannot)?;
         let mut instance = StageInstance {
             spec,
             component,
             store,
             plugin,
+            process,
             poisoned: false,
         };
         let config = instance.spec.config.clone();
-        match instance.call("init", |plugin, store| {
-            plugin.ecommerce_pipeline_stage().call_init(store, &config)
-        })? {
+        let outcome = match instance.begin() {
+            Ok(limit) => limited(
+                limit,
+                instance
+                    .plugin
+                    .ecommerce_pipeline_stage()
+                    .call_init(&mut instance.store, &config),
+            ),
+            Err(e) => Err(e),
+        };
+        match instance.finish("init", outcome)? {
             Ok(()) => Ok(instance),
             Err(message) => Err(StageError::Init {
                 stage: instance.spec.name.clone(),
@@ -124,31 +196,68 @@ impl StageInstance {
             .unwrap_or_else(|| self.component.short_hash().to_owned())
     }
 
-    /// Runs one batch. A trap, a time-out or an error the stage returns all
-    /// come back as `Err`.
+    /// Runs one batch. A trap, a time-out, a result over the output budget
+    /// or an error the stage returns all come back as `Err`.
     pub fn process(&mut self, batch: &[Event]) -> Result<BatchResult, StageError> {
-        match self.call("process", |plugin, store| {
-            plugin.ecommerce_pipeline_stage().call_process(store, batch)
-        })? {
-            Ok(result) => Ok(result),
+        let limit = self.begin()?;
+        let func = self.process;
+        let outcome = (|| {
+            // Typed here, per call, so the batch is lowered from the
+            // caller's slice without a copy; the check is a comparison of
+            // two small type trees.
+            let typed = func
+                .typed::<(&[Event],), (ProcessResult,)>(&self.store)
+                .map_err(StageError::engine)?;
+            let _charge = budget::Charge::start(budget::for_batch(batch));
+            limited(limit, typed.call_async(&mut self.store, (batch,)))
+                .map(|r| r.map(|r| r.map(|(r,)| r)))
+        })();
+        match self.finish("process", outcome)? {
+            Ok(result) => Ok(result.into()),
             Err(message) => Err(StageError::Refused {
                 stage: self.spec.name.clone(),
-                message,
+                message: message.0,
             }),
         }
     }
 
     pub fn snapshot(&mut self) -> Result<Vec<u8>, StageError> {
-        self.call("snapshot", |plugin, store| {
-            plugin.ecommerce_pipeline_stage().call_snapshot(store)
-        })
+        let outcome = match self.begin() {
+            Ok(limit) => limited(
+                limit,
+                self.plugin
+                    .ecommerce_pipeline_stage()
+                    .call_snapshot(&mut self.store),
+            ),
+            Err(e) => Err(e),
+        };
+        self.finish("snapshot", outcome)
     }
 
-    /// Loads a snapshot. `Ok(Err(reason))` means the stage cannot read it.
-    pub fn restore(&mut self, state: &[u8]) -> Result<Result<(), String>, StageError> {
-        self.call("restore", |plugin, store| {
-            plugin.ecommerce_pipeline_stage().call_restore(store, state)
-        })
+    /// Loads a snapshot. A stage that cannot read it, or fails while it
+    /// tries (trap, time limit), is a [`StageError::Restore`].
+    pub fn restore(&mut self, state: &[u8]) -> Result<(), StageError> {
+        let outcome = match self.begin() {
+            Ok(limit) => limited(
+                limit,
+                self.plugin
+                    .ecommerce_pipeline_stage()
+                    .call_restore(&mut self.store, state),
+            ),
+            Err(e) => Err(e),
+        };
+        let stage = self.spec.name.clone();
+        match self.finish("restore", outcome) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(StageError::Restore {
+                stage,
+                message: format!("the stage refused its state: {message}"),
+            }),
+            Err(e) => Err(StageError::Restore {
+                stage,
+                message: e.to_string(),
+            }),
+        }
     }
 
     /// Marks the instance as not to be used again.
@@ -156,54 +265,83 @@ impl StageInstance {
         self.poisoned = true;
     }
 
-    /// Whether a call has trapped: the instance must then be replaced.
+    /// Whether a call has failed: the instance must then be replaced.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
     }
 
-    /// Calls into the guest with a fresh time budget, and turns a trap into
-    /// an error that says what happened (time-out, memory cap, or trap).
-    fn call<R>(
-        &mut self,
-        what: &str,
-        f: impl FnOnce(&Plugin, &mut Store<StoreData>) -> wasmtime::Result<R>,
-    ) -> Result<R, StageError> {
+    /// Prepares a guest call: refuses a failed instance, resets the
+    /// memory flag, and returns the call's time limit.
+    fn begin(&mut self) -> Result<Duration, StageError> {
         if self.poisoned {
             return Err(StageError::Trap {
                 stage: self.spec.name.clone(),
-                message: "instance already trapped".into(),
+                message: "instance already failed".into(),
             });
         }
-        self.store
-            .set_epoch_deadline(ticks(self.spec.limits.time_per_batch));
         self.store.data_mut().memory.hit = false;
-        let result = f(&self.plugin, &mut self.store);
-        result.map_err(|e| {
-            self.poisoned = true;
-            let stage = self.spec.name.clone();
-            if matches!(
-                e.downcast_ref::<wasmtime::Trap>(),
-                Some(wasmtime::Trap::Interrupt)
-            ) {
-                StageError::TimeLimit {
+        self.store.set_epoch_deadline(1);
+        Ok(self.spec.limits.time_per_batch)
+    }
+
+    /// Turns the outcome of a call (`None`: it timed out) into what happened: the result,
+    /// a time-out, the memory cap, the output budget, or a trap.
+    fn finish<R>(
+        &mut self,
+        what: &str,
+        outcome: Result<Option<wasmtime::Result<R>>, StageError>,
+    ) -> Result<R, StageError> {
+        let stage = self.spec.name.clone();
+        let e = match outcome {
+            Ok(Some(Ok(r))) => return Ok(r),
+            Ok(Some(Err(e))) => e,
+            Ok(None) => {
+                self.poisoned = true;
+                return Err(StageError::TimeLimit {
                     stage,
                     limit: self.spec.limits.time_per_batch,
-                }
-            } else if self.store.data().memory.hit {
-                StageError::MemoryLimit {
-                    stage,
-                    limit_bytes: self.spec.limits.memory_bytes,
-                }
-            } else {
-                StageError::Trap {
-                    stage,
-                    message: format!("{what}: {}", error_text(&e)),
-                }
+                });
+            }
+            Err(e) => {
+                self.poisoned = true;
+                return Err(e);
+            }
+        };
+        self.poisoned = true;
+        Err(if let Some(over) = e.downcast_ref::<OverBudget>() {
+            StageError::OutputBudget {
+                stage,
+                message: over.to_string(),
+            }
+        } else if self.store.data().memory.hit {
+            StageError::MemoryLimit {
+                stage,
+                limit_bytes: self.spec.limits.memory_bytes,
+            }
+        } else {
+            StageError::Trap {
+                stage,
+                message: format!("{what}: {}", error_text(&e)),
             }
         })
     }
 }
 
-fn ticks(limit: Duration) -> u64 {
-    (limit.as_nanos() / EPOCH_TICK.as_nanos()).max(1) as u64 + 1
+/// Looks up `process` in the `stage` export (the same semver-aware name
+/// lookup the typed bindings use), checked against the budgeted types.
+fn process_export(
+    store: &mut Store<StoreData>,
+    instance: &wasmtime::component::Instance,
+) -> wasmtime::Result<Func> {
+    let interface = instance
+        .get_export_index(&mut *store, None, super::runtime::STAGE_EXPORT)
+        .ok_or_else(|| wasmtime::format_err!("no export {}", super::runtime::STAGE_EXPORT))?;
+    let func = instance
+        .get_export_index(&mut *store, Some(&interface), "process")
+        .ok_or_else(|| wasmtime::format_err!("no function `process`"))?;
+    let func = instance
+        .get_func(&mut *store, func)
+        .ok_or_else(|| wasmtime::format_err!("`process` is not a function"))?;
+    func.typed::<(&[Event],), (ProcessResult,)>(&*store)?;
+    Ok(func)
 }

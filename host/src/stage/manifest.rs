@@ -33,6 +33,22 @@ pub enum OnIncompatibleState {
     RefuseSwap,
 }
 
+/// When a stage's state is taken to be committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotPolicy {
+    /// After every batch, committed with it: the committed state is
+    /// always the one that produced the committed output, also after a
+    /// trap, a bisection, a swap or a crash.
+    #[default]
+    EveryBatch,
+    /// Every `--snapshot-interval` (and at swaps and shutdown): cheaper
+    /// for a large state, and exact enough only for a stage whose output
+    /// the table's primary key makes idempotent (a dedup: an id a stale
+    /// state lets through again is dropped by `ON CONFLICT`).
+    Interval,
+}
+
 /// One stage as the manifest describes it, with paths made absolute.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageSpec {
@@ -45,6 +61,7 @@ pub struct StageSpec {
     pub limits: Limits,
     pub grants: Grants,
     pub on_incompatible_state: OnIncompatibleState,
+    pub snapshot: SnapshotPolicy,
 }
 
 impl StageSpec {
@@ -60,6 +77,7 @@ impl StageSpec {
             limits,
             grants,
             on_incompatible_state,
+            snapshot,
         } = self;
         *name == other.name
             && *component == other.component
@@ -68,6 +86,7 @@ impl StageSpec {
             && *limits == other.limits
             && *grants == other.grants
             && *on_incompatible_state == other.on_incompatible_state
+            && *snapshot == other.snapshot
     }
 }
 
@@ -99,6 +118,8 @@ struct RawStage {
     grants: Vec<String>,
     #[serde(default)]
     on_incompatible_state: OnIncompatibleState,
+    #[serde(default)]
+    snapshot: SnapshotPolicy,
 }
 
 #[derive(Deserialize, Default)]
@@ -154,6 +175,7 @@ impl Manifest {
                 limits,
                 grants,
                 on_incompatible_state: stage.on_incompatible_state,
+                snapshot: stage.snapshot,
                 name: stage.name,
             });
         }
@@ -190,6 +212,7 @@ mod tests {
             name = "dedup"
             component = "dedup.wasm"
             on-incompatible-state = "refuse-swap"
+            snapshot = "interval"
         "#;
         let m = Manifest::parse(text, Path::new("/p"), "/p/pipeline.toml".into()).unwrap();
         assert_eq!(m.stages.len(), 2);
@@ -205,6 +228,8 @@ mod tests {
             m.stages[1].on_incompatible_state,
             OnIncompatibleState::RefuseSwap
         );
+        assert_eq!(t.snapshot, SnapshotPolicy::EveryBatch, "the default");
+        assert_eq!(m.stages[1].snapshot, SnapshotPolicy::Interval);
     }
 
     #[test]

@@ -7,10 +7,13 @@
 //!   hot swap at batch boundaries.
 //! - `manifest`: `pipeline.toml`.
 //! - `output`: checks on what a stage returns.
+//! - `budget`: the bound on what a stage's result may make the host
+//!   allocate, checked while it is lifted.
 //! - `shadow`: a candidate version run beside the live one, outputs compared.
 //! - `events`: plugin events queued for the next batch's commit.
 
 pub mod bindings;
+pub mod budget;
 pub mod chain;
 pub mod events;
 pub mod instance;
@@ -61,10 +64,21 @@ pub enum StageError {
     Refused { stage: String, message: String },
     #[error("stage {stage}: returned invalid output: {message}")]
     BadOutput { stage: String, message: String },
+    #[error("stage {stage}: exceeded its output budget: {message}")]
+    OutputBudget { stage: String, message: String },
+    /// `restore` refused the state, trapped or ran out of time.
+    #[error("stage {stage}: cannot restore its state: {message}")]
+    Restore { stage: String, message: String },
+    /// A state the stage cannot restore, at start-up, with
+    /// `on-incompatible-state = "refuse-swap"`.
+    #[error(
+        "stage {stage} cannot restore the state committed for it ({message}) and its manifest entry says on-incompatible-state = \"refuse-swap\", so the host does not start. Run the version that wrote the state, fix the stage so it reads it, or set on-incompatible-state = \"reset\" to start it with empty state"
+    )]
+    RestoreRefused { stage: String, message: String },
 }
 
 impl StageError {
-    fn engine(e: wasmtime::Error) -> StageError {
+    pub(crate) fn engine(e: wasmtime::Error) -> StageError {
         StageError::Engine(runtime::error_text(&e))
     }
 
@@ -81,6 +95,9 @@ impl StageError {
             StageError::MemoryLimit { .. } => "memory_limit",
             StageError::Refused { .. } => "refused",
             StageError::BadOutput { .. } => "bad_output",
+            StageError::OutputBudget { .. } => "output_budget",
+            StageError::Restore { .. } => "restore",
+            StageError::RestoreRefused { .. } => "restore_refused",
         }
     }
 }

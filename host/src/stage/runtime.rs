@@ -1,7 +1,15 @@
 //! The WebAssembly runtime shared by every stage: one wasmtime `Engine`
-//! (epoch interruption on, ticked by a background thread), one `Linker`
-//! with WASI p2 and the `log` import, and the on-disk cache of compiled
-//! components.
+//! (async support and epoch interruption on, ticked by a background
+//! thread), the linkers (WASI p2 and the `log` import; one with the real
+//! monotonic clock for stages granted `clock`, one where every clock
+//! pollable is ready at once for the others), and the on-disk cache of
+//! compiled components.
+//!
+//! Why async: a stage can wait in host code (a sleep is a monotonic-clock
+//! pollable, a `poll` on a stream), where epochs never fire. With async
+//! support every guest call is a future that the stage's call wraps in a
+//! timeout (see `instance`), and wasm code yields to it at every epoch
+//! tick, so the time limit covers host calls as well as wasm code.
 //!
 //! Lifecycle: one `Runtime` per process. `load` is called once per
 //! component file version (off the hot path: compiling a Python or JS
@@ -31,6 +39,9 @@ pub const WIT_PACKAGE: &str = "ecommerce:pipeline@0.1.0";
 
 /// What the host loads, as the refusal of another version says it.
 pub const WIT_SUPPORTED: &str = "ecommerce:pipeline 0.1.x (0.1.0 and any later 0.1 patch release)";
+
+/// The name of the interface every stage exports.
+pub const STAGE_EXPORT: &str = "ecommerce:pipeline/stage@0.1.0";
 
 /// Every import or export name of the package starts with this, then
 /// the interface name and `@version`: `ecommerce:pipeline/stage@0.1.0`.
@@ -70,22 +81,50 @@ impl PluginImports for StoreData {
 
 /// Caps linear memory and remembers whether the cap was hit, so that the
 /// trap that follows a refused allocation is reported as what it is.
+///
+/// The cap is one for the whole instance: a component holds several core
+/// instances, each of which may define a memory, so the bytes of all its
+/// memories are added up, and the number of instances, memories and tables
+/// is capped too (wasmtime's defaults allow 10,000 of each).
 pub struct MemoryLimiter {
     pub(crate) max_bytes: usize,
+    /// Bytes of every linear memory of the store together.
+    pub(crate) total_bytes: usize,
     pub(crate) hit: bool,
+}
+
+/// Core instances, memories and tables one stage may create. Generous for
+/// what language toolchains emit (a Python component has about a dozen
+/// core instances, a few memories and tables), small against abuse.
+pub const MAX_INSTANCES: usize = 100;
+pub const MAX_MEMORIES: usize = 16;
+pub const MAX_TABLES: usize = 100;
+/// Elements per table.
+pub const MAX_TABLE_ELEMENTS: usize = 1_000_000;
+
+impl MemoryLimiter {
+    pub fn new(max_bytes: usize) -> MemoryLimiter {
+        MemoryLimiter {
+            max_bytes,
+            total_bytes: 0,
+            hit: false,
+        }
+    }
 }
 
 impl ResourceLimiter for MemoryLimiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
+        let total = (self.total_bytes - current.min(self.total_bytes)).saturating_add(desired);
+        if total > self.max_bytes {
             self.hit = true;
             return Ok(false);
         }
+        self.total_bytes = total;
         Ok(true)
     }
 
@@ -95,7 +134,70 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+}
+
+/// The monotonic clock of a stage without the `clock` grant: it reads
+/// zero and every pollable it makes is ready at once, so a sleep returns
+/// immediately instead of holding the stage thread in host code.
+struct FrozenMonotonic;
+
+impl wasmtime::component::HasData for FrozenMonotonic {
+    type Data<'a> = FrozenClockView<'a>;
+}
+
+/// What the frozen clock's host functions see: the store's resources.
+struct FrozenClockView<'a>(&'a mut ResourceTable);
+
+/// A pollable that is always ready.
+struct Ready;
+
+#[async_trait::async_trait]
+impl wasmtime_wasi::p2::Pollable for Ready {
+    async fn ready(&mut self) {}
+}
+
+fn ready_pollable(
+    table: &mut ResourceTable,
+) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>> {
+    let ready = table.push(Ready)?;
+    wasmtime_wasi::p2::subscribe(table, ready)
+}
+
+impl wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host for FrozenClockView<'_> {
+    fn now(&mut self) -> wasmtime::Result<u64> {
+        Ok(0)
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<u64> {
+        Ok(1_000_000_000)
+    }
+
+    fn subscribe_instant(
+        &mut self,
+        _when: u64,
+    ) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>> {
+        ready_pollable(self.0)
+    }
+
+    fn subscribe_duration(
+        &mut self,
+        _duration: u64,
+    ) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>> {
+        ready_pollable(self.0)
     }
 }
 
@@ -105,7 +207,10 @@ pub struct LoadedComponent {
     pub path: PathBuf,
     /// Hex SHA-256 of the component file: the identity recorded per batch.
     pub hash: String,
+    /// Instantiates with the real monotonic clock (the `clock` grant).
     pub pre: PluginPre<StoreData>,
+    /// Instantiates with the frozen one: no clock call can block.
+    pub pre_frozen: PluginPre<StoreData>,
     /// True when the compiled code came from the cache.
     pub cached: bool,
     /// The `ecommerce:pipeline` version the component was built for (the
@@ -123,7 +228,10 @@ impl LoadedComponent {
 
 pub struct Runtime {
     engine: Engine,
+    /// WASI with the real clocks, for stages granted `clock`.
     linker: Linker<StoreData>,
+    /// The same with [`FrozenMonotonic`] in place of the monotonic clock.
+    frozen: Linker<StoreData>,
     cache_dir: Option<PathBuf>,
     compat: u64,
     stop_ticker: Arc<AtomicBool>,
@@ -146,9 +254,16 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(StageError::engine)?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(StageError::engine)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(StageError::engine)?;
         Plugin::add_to_linker::<_, HasSelf<StoreData>>(&mut linker, |data| data)
             .map_err(StageError::engine)?;
+        let mut frozen = linker.clone();
+        frozen.allow_shadowing(true);
+        wasmtime_wasi::p2::bindings::clocks::monotonic_clock::add_to_linker::<
+            StoreData,
+            FrozenMonotonic,
+        >(&mut frozen, |data| FrozenClockView(&mut data.table))
+        .map_err(StageError::engine)?;
 
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let ticker_engine = engine.clone();
@@ -174,6 +289,7 @@ impl Runtime {
         Ok(Runtime {
             engine,
             linker,
+            frozen,
             cache_dir,
             compat,
             stop_ticker,
@@ -284,31 +400,41 @@ impl Runtime {
         // the linker holds as `…@0.1.0`. `types` holds only records, which
         // link to nothing (the type checker skips type exports); their
         // shape is checked where they are used, in the `stage` signatures.
+        let wrong_imports = |e: wasmtime::Error| {
+            StageError::WrongWorld {
+            path: path.to_owned(),
+            message: format!(
+                "it imports something the host does not provide ({}); a stage may import only WASI 0.2 and `log`{newer_hint}",
+                error_text(&e)
+            ),
+        }
+        };
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| StageError::WrongWorld {
-                path: path.to_owned(),
-                message: format!(
-                    "it imports something the host does not provide ({}); a stage may import only WASI 0.2 and `log`{newer_hint}",
-                    error_text(&e)
-                ),
-            })?;
+            .map_err(wrong_imports)?;
+        let pre_frozen = self
+            .frozen
+            .instantiate_pre(&component)
+            .map_err(wrong_imports)?;
         // The typed bindings look the export up as `…/stage@0.1.0`;
         // wasmtime's export map answers that with the component's
         // `…/stage@0.1.z` of the same 0.1 track (the same `NameMap`
         // rule), then checks each function's type.
-        let pre = PluginPre::new(pre).map_err(|e| StageError::WrongWorld {
+        let wrong_exports = |e: wasmtime::Error| StageError::WrongWorld {
             path: path.to_owned(),
             message: format!(
                 "it does not export the `stage` interface of {WIT_PACKAGE} ({}){newer_hint}",
                 error_text(&e)
             ),
-        })?;
+        };
+        let pre = PluginPre::new(pre).map_err(wrong_exports)?;
+        let pre_frozen = PluginPre::new(pre_frozen).map_err(wrong_exports)?;
         Ok(LoadedComponent {
             path: path.to_owned(),
             hash,
             pre,
+            pre_frozen,
             cached,
             wit_version,
             load_time: started.elapsed(),

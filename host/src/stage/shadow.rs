@@ -16,10 +16,22 @@
 //! counted, and the live batch goes on. A failed instance is replaced on
 //! the next batch, from the live version's last snapshot.
 //!
-//! Cost: nothing when no stage has a `shadow`; otherwise one more stage
-//! call per batch plus a hash map over the batch to compare outputs.
+//! The candidate runs off the live path, on a thread of its own
+//! ([`ShadowWorker`]): the live batch hands it a copy of its input and
+//! output and goes on without waiting. A candidate still busy with an
+//! earlier batch skips this one (the hand-over holds one batch at most),
+//! and each diff is committed with the first batch after it is ready. A
+//! candidate that fails [`DISABLE_AFTER`] batches in a row is disabled,
+//! with a `shadow_disabled` plugin event, until its file or the manifest
+//! changes: a hostile candidate costs at most its time limit per batch,
+//! on its own thread, a few times.
+//!
+//! Cost: nothing when no stage has a `shadow`; otherwise a copy of the
+//! batch and its output per batch on the live path, and on the shadow
+//! thread one more stage call plus a hash map over the batch.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -233,7 +245,11 @@ impl Shadow {
             if state.is_empty() {
                 return Ok(Ok(instance));
             }
-            Ok(instance.restore(state)?.map(|()| instance))
+            match instance.restore(state) {
+                Ok(()) => Ok(Ok(instance)),
+                Err(StageError::Restore { message, .. }) => Ok(Err(message)),
+                Err(e) => Err(e),
+            }
         });
         self.broken = None;
         match result {
@@ -330,6 +346,151 @@ impl Shadow {
             error,
             elapsed: started.elapsed(),
         }
+    }
+}
+
+/// Consecutive failed batches after which a candidate is disabled.
+pub const DISABLE_AFTER: u32 = 5;
+
+/// One batch handed to the candidate's thread.
+struct Job {
+    live_version: StageVersion,
+    input: Vec<Event>,
+    live: BatchResult,
+    live_failed: usize,
+    live_state: Vec<u8>,
+}
+
+/// A [`Shadow`] on its own thread. Dropping it lets the thread finish the
+/// batch in hand (bounded by the stage's time limit) and end.
+pub struct ShadowWorker {
+    candidate: Candidate,
+    jobs: mpsc::SyncSender<Job>,
+    diffs: mpsc::Receiver<ShadowDiff>,
+    /// Batches handed over whose diff has not been collected yet.
+    pending: std::cell::Cell<usize>,
+    limit: Duration,
+}
+
+impl ShadowWorker {
+    /// Starts the candidate's thread; the candidate itself starts there,
+    /// from `state`, so even its `init` and `restore` are off the live path.
+    pub fn start(
+        runtime: Arc<Runtime>,
+        live: Arc<StageSpec>,
+        candidate: Candidate,
+        state: Vec<u8>,
+    ) -> ShadowWorker {
+        let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
+        let (diff_tx, diffs) = mpsc::sync_channel::<ShadowDiff>(4);
+        let theirs = candidate.clone();
+        let name = live.name.clone();
+        let limit = live.limits.time_per_batch;
+        let spawned = std::thread::Builder::new()
+            .name(format!("shadow-{name}"))
+            .spawn(move || {
+                let mut shadow = Shadow::start(&runtime, &live, theirs, &state);
+                let mut failures = 0u32;
+                for job in job_rx {
+                    let diff = shadow.run(
+                        &runtime,
+                        job.live_version,
+                        &job.input,
+                        &job.live,
+                        job.live_failed,
+                        &job.live_state,
+                    );
+                    failures = match diff.error {
+                        Some(_) => failures + 1,
+                        None => 0,
+                    };
+                    let disable = failures >= DISABLE_AFTER;
+                    let reason = diff.error.clone();
+                    if diff_tx.try_send(diff).is_err() && disable {
+                        // The live side is gone or not reading: stop.
+                        return;
+                    }
+                    if disable {
+                        let reason = format!(
+                            "failed {failures} batches in a row, disabled until its file or the manifest changes; last error: {}",
+                            reason.unwrap_or_default()
+                        );
+                        tracing::error!(stage = %live.name, "shadow candidate {reason} (the live version is not affected)");
+                        metrics::global().shadow_failure(&live.name, "disabled");
+                        let mut event = PluginEvent::new(&live.name, PluginEventKind::ShadowDisabled)
+                            .reason(reason);
+                        if let Ok(c) = shadow.candidate() {
+                            event = event.version(c.short_hash(), &c.hash);
+                        }
+                        events::record(event);
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(stage = %name, "cannot start the shadow candidate's thread: {e}");
+        }
+        ShadowWorker {
+            candidate,
+            jobs,
+            diffs,
+            pending: std::cell::Cell::new(0),
+            limit,
+        }
+    }
+
+    pub fn candidate(&self) -> &Candidate {
+        &self.candidate
+    }
+
+    /// Hands a batch to the candidate unless it is still busy (or
+    /// disabled); never waits.
+    pub fn submit(
+        &self,
+        live_version: StageVersion,
+        input: &[Event],
+        live: &BatchResult,
+        live_failed: usize,
+        live_state: &[u8],
+    ) {
+        let job = Job {
+            live_version,
+            input: input.to_vec(),
+            live: live.clone(),
+            live_failed,
+            live_state: live_state.to_vec(),
+        };
+        if self.jobs.try_send(job).is_ok() {
+            self.pending.set(self.pending.get() + 1);
+        }
+    }
+
+    /// The diffs finished since the last call.
+    pub fn ready(&self) -> Vec<ShadowDiff> {
+        let out: Vec<ShadowDiff> = self.diffs.try_iter().collect();
+        self.pending
+            .set(self.pending.get().saturating_sub(out.len()));
+        out
+    }
+
+    /// Waits for the batches handed over (at the end of the input, so
+    /// their diffs are committed too), each for at most the candidate's
+    /// time limit and its restart.
+    pub fn finish(&self) -> Vec<ShadowDiff> {
+        let mut out = self.ready();
+        while self.pending.get() > 0 {
+            match self
+                .diffs
+                .recv_timeout(self.limit * 3 + Duration::from_secs(1))
+            {
+                Ok(diff) => {
+                    out.push(diff);
+                    self.pending.set(self.pending.get() - 1);
+                }
+                Err(_) => break,
+            }
+        }
+        out
     }
 }
 
