@@ -1,7 +1,8 @@
 //! Stages: sandboxed WebAssembly components that transform batches.
 //!
 //! - `bindings`: types generated from `wit/`.
-//! - `runtime`: engine, linker, compile cache, type check.
+//! - `runtime`: engine, linker, type check.
+//! - `cache`: the compile cache, loaded only when the host wrote it.
 //! - `instance`: one instance with its limits and grants.
 //! - `chain`: the ordered stages of the pipeline, failure isolation and
 //!   hot swap at batch boundaries.
@@ -11,6 +12,7 @@
 //! - `events`: plugin events queued for the next batch's commit.
 
 pub mod bindings;
+pub mod cache;
 pub mod chain;
 pub mod events;
 pub mod instance;
