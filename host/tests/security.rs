@@ -373,7 +373,7 @@ fn plugin_test_with(component: &Path, input: &Path, cache: &Path) -> Output {
         .arg(component)
         .arg("--input")
         .arg(input)
-        .arg("--json")
+        .args(["--json", "--grant", "clock"])
         .arg("--cache-dir")
         .arg(cache)
         .output()
