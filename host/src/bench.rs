@@ -128,7 +128,7 @@ pub struct Latency {
 pub fn run(config: BenchConfig) -> anyhow::Result<Report> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let host = std::env::current_exe().context("cannot find the host binary")?;
-    let _ = std::fs::remove_dir_all(&config.work_dir);
+    prepare_work_dir(&config.work_dir)?;
     let input = config.work_dir.join("input");
     std::fs::create_dir_all(&input)
         .with_context(|| format!("cannot create {}", input.display()))?;
@@ -638,6 +638,36 @@ async fn wait_visible(client: &Client, ids: &[String], patience: Duration) -> an
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// The file `host bench` leaves in a work folder it made: only such a
+/// folder is ever deleted.
+pub const WORK_DIR_MARKER: &str = ".made-by-host-bench";
+
+/// Empties the work folder from an earlier run, if `host bench` made it;
+/// refuses a folder that holds anything else, which it never deletes.
+fn prepare_work_dir(dir: &Path) -> anyhow::Result<()> {
+    let marker = dir.join(WORK_DIR_MARKER);
+    let made_here = std::fs::symlink_metadata(&marker).is_ok_and(|m| m.is_file());
+    let empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+    if dir.exists() && !made_here && !empty {
+        anyhow::bail!(
+            "--work-dir {} exists and was not made by host bench (it has no {WORK_DIR_MARKER} file), so it is not deleted: pass a new or empty folder, or remove this one yourself",
+            dir.display()
+        );
+    }
+    if made_here {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot empty the work folder {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the work folder {}", dir.display()))?;
+    std::fs::write(
+        &marker,
+        "made by `host bench`; it deletes this folder on its next run\n",
+    )
+    .with_context(|| format!("cannot write {}", marker.display()))?;
+    Ok(())
 }
 
 /// Times the embedded PostgreSQL's start: a new cluster (initdb), then

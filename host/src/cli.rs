@@ -74,9 +74,10 @@ pub struct PluginsListArgs {
     /// Also show what this database last committed per stage (read only).
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Compiled-component cache; "off" disables.
-    #[arg(long, default_value = "data/cache")]
-    pub cache_dir: PathBuf,
+    /// Compiled-component cache [default: $XDG_CACHE_HOME/ecommerce-pipeline,
+    /// else ~/.cache/ecommerce-pipeline]; "off" disables.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
     /// JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -93,9 +94,11 @@ pub struct PromoteArgs {
     /// removed, so batches record the new file's hash prefix].
     #[arg(long)]
     pub version: Option<String>,
-    /// Compiled-component cache (the candidate is type-checked first); "off" disables.
-    #[arg(long, default_value = "data/cache")]
-    pub cache_dir: PathBuf,
+    /// Compiled-component cache (the candidate is type-checked first)
+    /// [default: $XDG_CACHE_HOME/ecommerce-pipeline, else
+    /// ~/.cache/ecommerce-pipeline]; "off" disables.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -179,9 +182,10 @@ pub struct PluginTestArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Compiled-component cache; "off" disables.
-    #[arg(long, default_value = "data/cache")]
-    pub cache_dir: PathBuf,
+    /// Compiled-component cache [default: $XDG_CACHE_HOME/ecommerce-pipeline,
+    /// else ~/.cache/ecommerce-pipeline]; "off" disables.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 fn key_value(text: &str) -> Result<(String, String), String> {

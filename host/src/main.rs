@@ -63,7 +63,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Plugin(PluginCommand::Test(args)) => {
             plugin_test::run(PluginTest {
-                cache_dir: (args.cache_dir.as_os_str() != "off").then_some(args.cache_dir),
+                cache_dir: user_cache(args.cache_dir),
                 component: args.component,
                 input: args.input,
                 config: args.config,
@@ -87,7 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             None => {
                 let list = args.list;
                 let ok = host::plugins::list::run(host::plugins::list::ListArgs {
-                    cache_dir: (list.cache_dir.as_os_str() != "off").then_some(list.cache_dir),
+                    cache_dir: user_cache(list.cache_dir),
                     plugins: list.plugins,
                     database_url: list.database_url.filter(|u| !u.is_empty()),
                     json: list.json,
@@ -96,7 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Some(PluginsCommand::Promote(p)) => {
-                let cache = (p.cache_dir.as_os_str() != "off").then_some(p.cache_dir);
+                let cache = user_cache(p.cache_dir);
                 let done = host::plugins::promote::promote(
                     &p.plugins,
                     &p.stage,
@@ -179,6 +179,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("wrote {files} files into {}", args.output.display());
             Ok(())
+        }
+    }
+}
+
+/// The cache of the commands run outside a state folder (`plugin test`,
+/// `plugins`): `--cache-dir`, else the user's own cache folder, never the
+/// working folder (anyone who can write there would run code in the host).
+fn user_cache(arg: Option<std::path::PathBuf>) -> Option<std::path::PathBuf> {
+    match arg {
+        Some(p) if p.as_os_str() == "off" => None,
+        Some(p) => Some(p),
+        None => {
+            let dir = host::stage::cache::default_dir();
+            if dir.is_none() {
+                tracing::warn!("neither XDG_CACHE_HOME nor HOME is set: the compile cache is off (pass --cache-dir)");
+            }
+            dir
         }
     }
 }

@@ -111,6 +111,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     let shutdown = Arc::new(AtomicBool::new(false));
     spawn_signal_handler(shutdown.clone());
 
+    // The state folder holds the cluster and the compile cache: the
+    // operator's alone (docs/security.md).
+    crate::fsutil::create_private_dir(&config.state_dir).with_context(|| {
+        format!(
+            "cannot create the state folder {}",
+            config.state_dir.display()
+        )
+    })?;
+    if let Ok(meta) = std::fs::metadata(&config.state_dir) {
+        if let Err(e) = crate::fsutil::check_owned_not_shared(&config.state_dir, &meta) {
+            tracing::warn!("state folder: {e}");
+        }
+    }
     let db = database(&config).await?;
     let mut sink = Sink::connect(&db.url, config.connect_timeout).await?;
     let mut checkpoint = sink.checkpoint().await?;

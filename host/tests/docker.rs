@@ -31,6 +31,27 @@ fn compose_file_is_consistent() {
         Some("${POSTGRES_PASSWORD:-spark123}")
     );
     assert!(pg["healthcheck"]["test"].is_sequence());
+    // Only the compose network reaches the database; published ports bind
+    // loopback only (docs/security.md).
+    assert!(
+        pg.get("ports").is_none(),
+        "postgres publishes a port: {:?}",
+        pg["ports"]
+    );
+    for (name, service) in services {
+        for port in service
+            .get("ports")
+            .and_then(|v| v.as_sequence())
+            .into_iter()
+            .flatten()
+        {
+            let port = port.as_str().unwrap_or_default();
+            assert!(
+                port.starts_with("127.0.0.1:"),
+                "{name:?} publishes {port:?} beyond loopback"
+            );
+        }
+    }
 
     let declared = compose["volumes"].as_mapping().unwrap();
     for (name, service) in services {

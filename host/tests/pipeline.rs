@@ -183,16 +183,23 @@ fn embedded_default_starts_its_own_postgres() {
     let server =
         host::embedded::EmbeddedPostgres::start(&state.join("postgres"), &Default::default())
             .unwrap();
-    let url = url.replace(
-        &url.split(':')
-            .nth(2)
+    // Same URL but for the port, which a new start picks afresh.
+    let port_of = |u: &str| {
+        u.rsplit_once(':')
             .unwrap()
+            .1
             .split('/')
             .next()
             .unwrap()
-            .to_string(),
-        &server.port().to_string(),
+            .to_owned()
+    };
+    assert_eq!(
+        url.replace(&port_of(&url), "PORT"),
+        server
+            .url("ecommerce")
+            .replace(&server.port().to_string(), "PORT")
     );
+    let url = server.url("ecommerce");
     assert_eq!(count(&url, "SELECT count(*) FROM ecommerce_events"), 100);
     drop(server);
     let _ = std::fs::remove_dir_all(&state);

@@ -1,7 +1,8 @@
 //! Stages: sandboxed WebAssembly components that transform batches.
 //!
 //! - `bindings`: types generated from `wit/`.
-//! - `runtime`: engine, linker, compile cache, type check.
+//! - `runtime`: engine, linker, type check.
+//! - `cache`: the compile cache, loaded only when the host wrote it.
 //! - `instance`: one instance with its limits and grants.
 //! - `chain`: the ordered stages of the pipeline, failure isolation and
 //!   hot swap at batch boundaries.
@@ -14,6 +15,7 @@
 
 pub mod bindings;
 pub mod budget;
+pub mod cache;
 pub mod chain;
 pub mod events;
 pub mod instance;

@@ -28,6 +28,7 @@ use wasmtime::{Config, Engine, ResourceLimiter};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{ecommerce, Plugin, PluginImports, PluginPre};
+use super::cache::CompileCache;
 use super::StageError;
 
 /// How often the epoch advances: the granularity of time limits.
@@ -232,7 +233,7 @@ pub struct Runtime {
     linker: Linker<StoreData>,
     /// The same with [`FrozenMonotonic`] in place of the monotonic clock.
     frozen: Linker<StoreData>,
-    cache_dir: Option<PathBuf>,
+    cache: Option<CompileCache>,
     compat: u64,
     stop_ticker: Arc<AtomicBool>,
 }
@@ -281,16 +282,18 @@ impl Runtime {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let compat = hasher.finish();
-        if let Some(dir) = &cache_dir {
-            if let Err(e) = std::fs::create_dir_all(dir) {
-                tracing::warn!(dir = %dir.display(), "compile cache disabled: {e}");
+        let cache = cache_dir.and_then(|dir| match CompileCache::open(&dir) {
+            Ok(cache) => Some(cache),
+            Err(e) => {
+                tracing::warn!("{e}: the compile cache is off, every component is compiled");
+                None
             }
-        }
+        });
         Ok(Runtime {
             engine,
             linker,
             frozen,
-            cache_dir,
+            cache,
             compat,
             stop_ticker,
         })
@@ -318,10 +321,7 @@ impl Runtime {
         started: Instant,
     ) -> Result<LoadedComponent, StageError> {
         let hash = hex(&Sha256::digest(bytes));
-        let cache_file = self
-            .cache_dir
-            .as_ref()
-            .map(|dir| dir.join(format!("{hash}-{:016x}.cwasm", self.compat)));
+        let entry = format!("{hash}-{:016x}", self.compat);
         let load_error = |message: String| StageError::Load {
             path: path.to_owned(),
             message,
@@ -329,19 +329,27 @@ impl Runtime {
 
         let mut cached = false;
         let mut component = None;
-        if let Some(file) = cache_file.as_ref().filter(|f| f.exists()) {
-            // SAFETY: the file was written by `Component::serialize` of an
-            // engine with the same compatibility hash (it is in the name)
-            // into a cache folder that only this host writes.
-            match unsafe { Component::deserialize_file(&self.engine, file) } {
-                Ok(c) => {
-                    cached = true;
-                    component = Some(c);
-                }
-                Err(e) => {
-                    tracing::warn!(file = %file.display(), "ignoring unusable compile cache entry: {e}")
+        match self.cache.as_ref().map(|cache| cache.get(&entry)) {
+            None | Some(Ok(None)) => {}
+            Some(Ok(Some(code))) => {
+                // SAFETY: the MAC proves this host wrote the code, with
+                // `Component::serialize` of an engine with the same
+                // compatibility hash (it is in the entry's name), into a
+                // folder only its user may write (see `cache`).
+                match unsafe { Component::deserialize(&self.engine, &code) } {
+                    Ok(c) => {
+                        cached = true;
+                        component = Some(c);
+                    }
+                    Err(e) => {
+                        tracing::warn!(entry, "ignoring unusable compile cache entry: {e}")
+                    }
                 }
             }
+            Some(Err(refused)) => tracing::warn!(
+                component = %path.display(),
+                "refusing to load a compile cache entry: {refused}; compiling the component again and replacing the entry"
+            ),
         }
         let component = match component {
             Some(c) => c,
@@ -352,11 +360,13 @@ impl Runtime {
                         error_text(&e)
                     ))
                 })?;
-                if let Some(file) = &cache_file {
-                    if let Err(e) = c.serialize().map_err(|e| e.to_string()).and_then(|data| {
-                        crate::fsutil::write_atomic(file, &data).map_err(|e| e.to_string())
-                    }) {
-                        tracing::warn!(file = %file.display(), "cannot write compile cache: {e}");
+                if let Some(cache) = &self.cache {
+                    if let Err(e) = c
+                        .serialize()
+                        .map_err(|e| e.to_string())
+                        .and_then(|data| cache.put(&entry, &data).map_err(|e| e.to_string()))
+                    {
+                        tracing::warn!(file = %cache.path(&entry).display(), "cannot write compile cache: {e}");
                     }
                 }
                 c
