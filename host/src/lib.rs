@@ -19,6 +19,7 @@ pub mod pause;
 pub mod pipeline;
 pub mod plugin_test;
 pub mod plugins;
+pub mod replay;
 pub mod scaffold;
 pub mod sink;
 pub mod source;
