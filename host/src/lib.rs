@@ -24,3 +24,4 @@ pub mod scaffold;
 pub mod sink;
 pub mod source;
 pub mod stage;
+pub mod watch;
