@@ -34,6 +34,10 @@ pub enum Command {
     /// loads, limits, grants, shadow candidate, and what the database last
     /// committed with it), or promote a shadow candidate.
     Plugins(PluginsArgs),
+    /// Run stored input files through the manifest's chain with one stage's
+    /// candidate version beside the live one, and print how their outputs
+    /// differ (as shadow mode records it), writing nothing.
+    Replay(ReplayArgs),
     /// Measure the pipeline against PostgreSQL's own COPY ceiling, its
     /// latency from file to table, and its memory; print a table and JSON.
     Bench(BenchArgs),
@@ -140,6 +144,31 @@ pub struct BenchArgs {
     /// Where the JSON result goes [default: <work-dir>/result.json].
     #[arg(long)]
     pub output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// Folder of stored input files (CSV, as `host run` reads them).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// The candidate component (.wasm).
+    #[arg(long)]
+    pub component: PathBuf,
+    /// The manifest stage the candidate would replace.
+    #[arg(long)]
+    pub stage: String,
+    /// Folder with the plugin manifest (pipeline.toml) and the live components.
+    #[arg(long, default_value = "plugins")]
+    pub plugins: PathBuf,
+    /// Records per batch, as `host run --batch-size`.
+    #[arg(long, default_value_t = 20_000)]
+    pub batch_size: usize,
+    /// Compiled-component cache; "off" disables.
+    #[arg(long, default_value = "data/cache")]
+    pub cache_dir: PathBuf,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -118,6 +118,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Command::Replay(args) => {
+            host::replay::run(host::replay::ReplayArgs {
+                cache_dir: (args.cache_dir.as_os_str() != "off").then_some(args.cache_dir),
+                input: args.input,
+                component: args.component,
+                stage: args.stage,
+                plugins: args.plugins,
+                batch_size: args.batch_size,
+                json: args.json,
+            })?;
+            Ok(())
+        }
         Command::Bench(args) => {
             host::bench::run(host::bench::BenchConfig {
                 events: args.events,

@@ -90,6 +90,21 @@ impl DiffCounts {
     }
 }
 
+/// One event on which the two versions disagree, to show a person.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DiffSample {
+    /// `changed`, `live_only` or `candidate_only`.
+    pub kind: &'static str,
+    pub event_id: String,
+    /// The fields that differ (`price_cents: 100 -> 101`), or what the
+    /// other version did with the event.
+    pub detail: String,
+}
+
+/// Samples a shadow run keeps per batch and kind: enough to see what a
+/// difference is, bounded whatever the batch.
+pub const SAMPLES_PER_KIND: usize = 3;
+
 /// One batch's comparison for one shadowed stage, committed with the batch.
 #[derive(Debug, Clone)]
 pub struct ShadowDiff {
@@ -101,12 +116,48 @@ pub struct ShadowDiff {
     pub rows_in: usize,
     /// `None` when the candidate failed on this batch (see `error`).
     pub counts: Option<DiffCounts>,
+    /// Up to `SAMPLES_PER_KIND` disagreeing events per kind.
+    pub samples: Vec<DiffSample>,
     pub error: Option<String>,
     pub elapsed: Duration,
 }
 
 /// Compares the live version's output with the candidate's.
 pub fn diff(live: &BatchResult, live_failed: usize, candidate: &BatchResult) -> DiffCounts {
+    compare(live, live_failed, candidate, 0).0
+}
+
+/// `diff`, plus up to `samples` disagreeing events of each kind.
+pub fn compare(
+    live: &BatchResult,
+    live_failed: usize,
+    candidate: &BatchResult,
+    samples: usize,
+) -> (DiffCounts, Vec<DiffSample>) {
+    let mut taken = Vec::new();
+    let mut take = |kind: &'static str, id: &str, detail: &dyn Fn() -> String| {
+        if taken
+            .iter()
+            .filter(|s: &&DiffSample| s.kind == kind)
+            .count()
+            < samples
+        {
+            taken.push(DiffSample {
+                kind,
+                event_id: id.to_owned(),
+                detail: detail(),
+            });
+        }
+    };
+    // What a version did with an event the other one kept.
+    let fate = |result: &BatchResult, id: &str, who: &str| match result
+        .rejected
+        .iter()
+        .find(|r| r.event.event_id == id)
+    {
+        Some(r) => format!("{who} rejected it: {}", r.reason),
+        None => format!("{who} dropped it or failed on it"),
+    };
     let mut counts = DiffCounts {
         live_rejected: live.rejected.len() + live_failed,
         candidate_rejected: candidate.rejected.len(),
@@ -126,17 +177,52 @@ pub fn diff(live: &BatchResult, live_failed: usize, candidate: &BatchResult) -> 
                 counts.kept_both += 1;
                 let differing = changed_fields(ours, other);
                 if !differing.is_empty() {
+                    take("changed", &ours.event_id, &|| field_changes(ours, other));
                     counts.changed += 1;
                     for field in differing {
                         *counts.fields.entry(field).or_default() += 1;
                     }
                 }
             }
-            None => counts.live_only += 1,
+            None => {
+                take("live_only", &ours.event_id, &|| {
+                    fate(candidate, &ours.event_id, "the candidate")
+                });
+                counts.live_only += 1
+            }
         }
     }
     counts.candidate_only = theirs.values().map(VecDeque::len).sum();
-    counts
+    if samples > 0 {
+        // In the candidate's order, so samples do not depend on hashing.
+        for e in &candidate.events {
+            if theirs
+                .get(e.event_id.as_str())
+                .is_some_and(|left| left.iter().any(|l| std::ptr::eq(*l, e)))
+            {
+                take("candidate_only", &e.event_id, &|| {
+                    fate(live, &e.event_id, "the live version")
+                });
+            }
+        }
+    }
+    (counts, taken)
+}
+
+/// The differing fields of two events, as `field: live -> candidate`.
+fn field_changes(a: &Event, b: &Event) -> String {
+    let value = |e: &Event, field: &str| match field {
+        "user_id" => e.user_id.to_string(),
+        "event_type" => format!("{:?}", e.event_type),
+        "product_id" => e.product_id.to_string(),
+        "price_cents" => e.price_cents.to_string(),
+        _ => e.event_time.to_string(),
+    };
+    changed_fields(a, b)
+        .into_iter()
+        .map(|f| format!("{f}: {} -> {}", value(a, f), value(b, f)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The fields in which two events with the same id differ.
@@ -318,12 +404,12 @@ impl Shadow {
                     e.to_string()
                 }),
         };
-        let (counts, error) = match outcome {
+        let (counts, samples, error) = match outcome {
             Ok(result) => {
-                let counts = diff(live, live_failed, &result);
+                let (counts, samples) = compare(live, live_failed, &result, SAMPLES_PER_KIND);
                 metrics::global().shadow_rows(&self.spec.name, &counts);
                 self.last_logged = None;
-                (Some(counts), None)
+                (Some(counts), samples, None)
             }
             Err(reason) => {
                 if self.broken.is_some() {
@@ -333,7 +419,7 @@ impl Shadow {
                     tracing::warn!(stage = %self.spec.name, candidate = %self.version(), "shadow candidate failed (the live version is not affected): {reason}");
                     self.last_logged = Some(reason.clone());
                 }
-                (None, Some(reason))
+                (None, Vec::new(), Some(reason))
             }
         };
         ShadowDiff {
@@ -343,6 +429,7 @@ impl Shadow {
             candidate_hash: self.candidate.as_ref().ok().map(|c| c.hash.clone()),
             rows_in: input.len(),
             counts,
+            samples,
             error,
             elapsed: started.elapsed(),
         }
@@ -567,6 +654,49 @@ mod tests {
             d.fields,
             BTreeMap::from([("event_type", 2), ("price_cents", 1)])
         );
+    }
+
+    #[test]
+    fn samples_show_what_differs_and_are_bounded() {
+        let live = result(
+            vec![
+                event("a", "view", 1),
+                event("b", "view", 1),
+                event("c", "view", 1),
+            ],
+            vec![event("d", "view", 1)],
+        );
+        let candidate = result(
+            vec![
+                event("a", "view", 2),
+                event("b", "view", 3),
+                event("d", "view", 1),
+            ],
+            vec![event("c", "view", 1)],
+        );
+        let (counts, samples) = compare(&live, 0, &candidate, 1);
+        assert_eq!(counts, diff(&live, 0, &candidate));
+        assert_eq!(
+            samples,
+            vec![
+                DiffSample {
+                    kind: "changed",
+                    event_id: "a".into(),
+                    detail: "price_cents: 1 -> 2".into()
+                },
+                DiffSample {
+                    kind: "live_only",
+                    event_id: "c".into(),
+                    detail: "the candidate rejected it: no".into()
+                },
+                DiffSample {
+                    kind: "candidate_only",
+                    event_id: "d".into(),
+                    detail: "the live version rejected it: no".into()
+                },
+            ]
+        );
+        assert!(compare(&live, 0, &candidate, 0).1.is_empty());
     }
 
     #[test]
