@@ -37,6 +37,10 @@ pub struct SourceConfig {
     /// Bytes read per call, and the longest record: one that does not fit
     /// is quarantined and reading goes on at the next line (see `file`).
     pub chunk: usize,
+    /// Read files that symbolic links in the folder point to. Off by
+    /// default: a link would let whoever may write the folder copy any
+    /// file the host can read into the quarantine.
+    pub follow_symlinks: bool,
 }
 
 impl SourceConfig {
@@ -47,6 +51,7 @@ impl SourceConfig {
             rescan: Duration::from_secs(2),
             settle: Duration::from_secs(2),
             chunk: 1 << 20,
+            follow_symlinks: false,
         }
     }
 }
@@ -93,6 +98,8 @@ pub struct Source {
     committed: HashMap<String, Position>,
     tracked: HashMap<String, Tracked>,
     shutdown: Arc<AtomicBool>,
+    /// Entries skipped for what they are (links, devices...), logged once.
+    skipped: HashSet<PathBuf>,
 }
 
 impl Source {
@@ -108,6 +115,7 @@ impl Source {
             committed,
             tracked: HashMap::new(),
             shutdown,
+            skipped: HashSet::new(),
         }
     }
 
@@ -204,7 +212,7 @@ impl Source {
     }
 
     /// Candidate files, oldest first (by modification time, then name).
-    fn list(&self) -> Result<Vec<(PathBuf, std::fs::Metadata)>, SourceError> {
+    fn list(&mut self) -> Result<Vec<(PathBuf, std::fs::Metadata)>, SourceError> {
         let dir = &self.config.input;
         let entries = std::fs::read_dir(dir).map_err(|source| SourceError::Folder {
             path: dir.clone(),
@@ -217,10 +225,32 @@ impl Source {
                 continue;
             }
             let path = entry.path();
-            match std::fs::metadata(&path) {
-                Ok(meta) if meta.is_file() => files.push((path, meta)),
-                _ => {}
+            // The entry itself, not what a link points to.
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let meta = if meta.file_type().is_symlink() && self.config.follow_symlinks {
+                match std::fs::metadata(&path) {
+                    Ok(target) => target,
+                    Err(_) => continue,
+                }
+            } else {
+                meta
+            };
+            if meta.is_file() {
+                files.push((path, meta));
+            } else if !meta.is_dir() && self.skipped.insert(path.clone()) {
+                let what = if meta.file_type().is_symlink() {
+                    "a symbolic link (--follow-symlinks reads what links point to)"
+                } else {
+                    "not a regular file"
+                };
+                tracing::warn!(path = %path.display(), "skipping input entry: {what}");
             }
+        }
+        // Forget skipped entries that are gone, so the set stays bounded.
+        if !self.skipped.is_empty() {
+            self.skipped.retain(|p| p.symlink_metadata().is_ok());
         }
         files.sort_by_key(|(path, meta)| {
             (
