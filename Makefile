@@ -17,8 +17,13 @@ run: build
 	  trap 'kill $$gen 2>/dev/null' EXIT; \
 	  $(HOST) run --plugins plugins/
 
+# One build serves `make run` and `make test`: the binary is built together
+# with the test targets, so cargo unifies the same features for both and
+# wasmtime is compiled once (a plain `cargo build -p host` would leave out
+# the dev-dependencies' features and compile it again for the tests).
 build: plugins
-	$(CARGO) build --release -p host
+	@[ -x $(HOST) ] || echo "building the host: compiling the WebAssembly runtime (wasmtime) takes several minutes the first time"
+	$(CARGO) build --release --workspace --all-targets
 
 toolchain:
 	@rustup target list --installed | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
@@ -57,10 +62,15 @@ postgres:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null; \
 	else echo "PostgreSQL: none running; the tests start their own"; fi
 
+# Every test binary runs even when one fails (--no-fail-fast); the run ends
+# with the failed tests listed, and fails if any did.
 test: build examples fixtures postgres
 	cd plugins/python/currency && python3 -m unittest -q test_app
-	$(CARGO) test --release --workspace
 	cd plugins/rust && $(CARGO) test --release
+	@set -o pipefail; $(CARGO) test --release --workspace --no-fail-fast 2>&1 | tee target/test.log; status=$$?; \
+	  failed=$$(grep -E '^test .* \.\.\. FAILED$$' target/test.log); \
+	  if [ -n "$$failed" ] || [ $$status -ne 0 ]; then \
+	    echo; echo "FAILED TESTS:"; echo "$${failed:-(none by name: see the log above, target/test.log)}"; exit 1; fi
 
 # The benchmark: COPY ceiling vs the pipeline, latency, memory (host bench --help).
 bench: build

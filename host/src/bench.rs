@@ -14,7 +14,12 @@
 //! 5. latency: files renamed into the input folder of a running host, at
 //!    the generator's rate and at 10,000 events/s; per file, the time from
 //!    the rename until its last row is visible to another connection;
-//!    p50, p99, max; and the host's RSS while idle.
+//!    p50, p99, max; and the host's RSS while idle;
+//! 6. CPU: user + system seconds per million events of step 3, the host's
+//!    (from `getrusage` of its children) and the PostgreSQL server's (its
+//!    process tree in /proc, when it runs here); and the running host's
+//!    share of a core over 10 s idle and while files arrive at the seed's
+//!    rate (from /proc/PID/stat).
 //!
 //! Same order matters: the rows arrive in random `event_id` order, so
 //! every insert lands on a random page of the primary key's B-tree. COPY
@@ -98,6 +103,16 @@ pub struct Report {
     pub embedded_start_ms: Option<f64>,
     pub latency: Vec<Latency>,
     pub idle_rss_mb: Option<f64>,
+    /// CPU seconds (user + system) per million events of `host run
+    /// --once`: the host's own, and the PostgreSQL server's (postmaster,
+    /// backends, background writers; `None` when the server is not a
+    /// local process this one can read).
+    pub host_cpu_s_per_m: f64,
+    pub postgres_cpu_s_per_m: Option<f64>,
+    /// The running host's share of one core over 10 s with nothing
+    /// arriving, and while files arrive at the seed's rate.
+    pub idle_cpu_pct: Option<f64>,
+    pub seed_rate_cpu_pct: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -173,6 +188,9 @@ pub fn run(config: BenchConfig) -> anyhow::Result<Report> {
 
     eprintln!("pipeline: host run --once over {files} files");
     let state = config.work_dir.join("state");
+    let postgres = runtime.block_on(Postmaster::find(&url));
+    let postgres_before = postgres.as_ref().and_then(Postmaster::cpu_ticks);
+    let host_before = children_cpu_s();
     let started = Instant::now();
     let child = config
         .host_run(&host, &input, &state, &url)
@@ -181,6 +199,13 @@ pub fn run(config: BenchConfig) -> anyhow::Result<Report> {
         .context("cannot start host run")?;
     let (status, peak_kb) = wait_with_peak_rss(child)?;
     report.pipeline_s = started.elapsed().as_secs_f64();
+    // The host is this process's only child while it runs: what its
+    // children used since is the host's CPU.
+    let per_m = 1e6 / config.events.max(1) as f64;
+    report.host_cpu_s_per_m = (children_cpu_s() - host_before) * per_m;
+    report.postgres_cpu_s_per_m = postgres_before
+        .zip(postgres.as_ref().and_then(Postmaster::cpu_ticks))
+        .map(|(before, after)| after.saturating_sub(before) as f64 / clock_ticks() * per_m);
     if !status.success() {
         bail!("host run --once failed ({status})");
     }
@@ -395,7 +420,14 @@ fn live(
         .await?;
         report.startup_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
 
+        // Idle: nothing arrives for 10 s; the host should sleep.
+        eprintln!("idle: the host's CPU over 10 s with nothing arriving");
+        let idle = CpuWindow::start(child.id());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        report.idle_cpu_pct = idle.and_then(|w| w.share_pct());
+
         let feed = Feed { url, child: &child };
+        let at_seed_rate = CpuWindow::start(child.id());
         let seed = feed
             .rate(
                 &mut files,
@@ -404,6 +436,7 @@ fn live(
                 config.latency_seconds,
             )
             .await?;
+        report.seed_rate_cpu_pct = at_seed_rate.and_then(|w| w.share_pct());
         report.idle_rss_mb = seed.1;
         report.latency.push(seed.0);
         let seconds = config.latency_seconds.div_ceil(3);
@@ -639,6 +672,102 @@ fn wait_with_peak_rss(mut child: Child) -> anyhow::Result<(std::process::ExitSta
     }
 }
 
+/// Clock ticks per second, the unit of /proc's CPU times.
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// Fields of /proc/PID/stat after the command name (which may hold
+/// spaces): index 0 is the state, 1 the parent pid, 11..=14 utime,
+/// stime, cutime, cstime.
+fn proc_stat(pid: u32) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    Some(
+        rest.split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// User + system CPU of a process itself, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let f = proc_stat(pid)?;
+    Some(f.get(11)? + f.get(12)?)
+}
+
+/// CPU seconds used by this process's waited-for children so far.
+fn children_cpu_s() -> f64 {
+    // SAFETY: getrusage writes into the struct we hand it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// One process's CPU over a window of wall time.
+struct CpuWindow {
+    pid: u32,
+    ticks: u64,
+    started: Instant,
+}
+
+impl CpuWindow {
+    fn start(pid: u32) -> Option<CpuWindow> {
+        Some(CpuWindow {
+            pid,
+            ticks: cpu_ticks(pid)?,
+            started: Instant::now(),
+        })
+    }
+
+    /// Percent of one core used since `start`.
+    fn share_pct(&self) -> Option<f64> {
+        let ticks = cpu_ticks(self.pid)?.saturating_sub(self.ticks);
+        Some(ticks as f64 / clock_ticks() / self.started.elapsed().as_secs_f64() * 100.0)
+    }
+}
+
+/// The PostgreSQL server's postmaster, when it runs on this machine: the
+/// parent of our backend.
+struct Postmaster(u32);
+
+impl Postmaster {
+    async fn find(url: &str) -> Option<Postmaster> {
+        let client = connect(url).await.ok()?;
+        let backend: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .ok()?
+            .get(0);
+        let parent = *proc_stat(backend as u32)?.get(1)?;
+        Some(Postmaster(parent as u32))
+    }
+
+    /// CPU of the whole server so far, in ticks: the postmaster, the
+    /// processes it runs now, and those it has reaped (cutime, cstime).
+    fn cpu_ticks(&self) -> Option<u64> {
+        let f = proc_stat(self.0)?;
+        let mut ticks = f.get(11)? + f.get(12)? + f.get(13)? + f.get(14)?;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Some(f) = proc_stat(pid) {
+                if f.get(1) == Some(&(self.0 as u64)) {
+                    ticks += f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0);
+                }
+            }
+        }
+        Some(ticks)
+    }
+}
+
 /// Resident memory of a process now, in MiB.
 fn rss_mb(pid: u32) -> Option<f64> {
     proc_status_kb(pid, "VmRSS:").map(|kb| kb / 1024.0)
@@ -691,6 +820,13 @@ fn print(r: &Report) {
     }
     line("  database (rows)", format!("{:.2} s", r.database_s));
     line("peak RSS (backlog)", format!("{:.0} MB", r.peak_rss_mb));
+    line(
+        "CPU per 1M events: host",
+        format!("{:.2} s", r.host_cpu_s_per_m),
+    );
+    if let Some(s) = r.postgres_cpu_s_per_m {
+        line("CPU per 1M events: PostgreSQL", format!("{s:.2} s"));
+    }
     if let Some(ms) = r.startup_ms {
         line("start to first commit (cached)", format!("{ms:.0} ms"));
     }
@@ -711,5 +847,11 @@ fn print(r: &Report) {
     }
     if let Some(mb) = r.idle_rss_mb {
         line("RSS idle", format!("{mb:.0} MB"));
+    }
+    if let Some(pct) = r.idle_cpu_pct {
+        line("host CPU idle (10 s)", format!("{pct:.1}% of a core"));
+    }
+    if let Some(pct) = r.seed_rate_cpu_pct {
+        line("host CPU at the seed rate", format!("{pct:.1}% of a core"));
     }
 }

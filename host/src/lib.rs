@@ -23,3 +23,4 @@ pub mod scaffold;
 pub mod sink;
 pub mod source;
 pub mod stage;
+pub mod watch;

@@ -31,6 +31,9 @@ fn bench_measures_every_part_and_writes_the_right_rows() {
         "peak RSS",
         "start to first commit",
         "p99",
+        "CPU per 1M events: host",
+        "host CPU idle",
+        "host CPU at the seed rate",
     ] {
         assert!(stdout.contains(label), "no {label:?} in:\n{stdout}");
     }
@@ -46,8 +49,15 @@ fn bench_measures_every_part_and_writes_the_right_rows() {
         "peak_rss_mb",
         "startup_ms",
         "database_s",
+        "host_cpu_s_per_m",
     ] {
         assert!(report[key].as_f64().unwrap_or(0.0) > 0.0, "{key}: {report}");
+    }
+    for key in ["idle_cpu_pct", "seed_rate_cpu_pct"] {
+        assert!(
+            report[key].as_f64().is_some_and(|p| p >= 0.0),
+            "{key}: {report}"
+        );
     }
     let stages: Vec<&str> = report["stage_s"]
         .as_array()

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -37,25 +36,22 @@ fn sigkill_at_random_moments_loses_and_doubles_nothing() {
 
     let kills = 24;
     for round in 0..kills {
-        let mut child = host()
-            .args(run_args(&plugins_dir(), &input, &url, &dir.join("state")))
-            .args(["--batch-size", "250", "--snapshot-interval", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut cmd = host();
+        cmd.args(run_args(&plugins_dir(), &input, &url, &dir.join("state")))
+            .args(["--batch-size", "250", "--snapshot-interval", "0"]);
+        let mut child = Running::spawn(cmd, &dir.join(format!("host-{round}.log")));
         let alive_for = Duration::from_millis(rng.random_range(50..700));
         let started = Instant::now();
         while started.elapsed() < alive_for {
             assert!(
-                child.try_wait().unwrap().is_none(),
-                "the host exited on its own in round {round}"
+                !child.exited(),
+                "the host exited on its own in round {round}:\n{}",
+                child.log_tail()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        // New files arrive while the host is down, under fresh names.
+        child.kill(); // SIGKILL
+                      // New files arrive while the host is down, under fresh names.
         generate(
             &staging,
             &[
@@ -179,17 +175,23 @@ fn sigkill_right_after_a_hot_swap_loses_and_doubles_nothing() {
     );
     let rounds = 8;
     for round in 0..rounds {
-        let mut child = host()
-            .args(run_args(&plugins, &input, &url, &dir.join("state")))
-            .args(["--batch-size", "100", "--snapshot-interval", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut cmd = host();
+        cmd.args(run_args(&plugins, &input, &url, &dir.join("state")))
+            .args(["--batch-size", "100", "--snapshot-interval", "0"]);
+        let mut child = Running::spawn(cmd, &dir.join(format!("host-{round}.log")));
+        if round == 0 {
+            // v1 commits something before the first swap, whatever the
+            // machine's speed, so that both versions are seen to run.
+            child.wait_until("v1's first rows", || {
+                query(&url, "SELECT to_regclass('ecommerce_events')::text")[0][0].is_some()
+                    && count(&url, "SELECT count(*) FROM ecommerce_events") > 0
+            });
+        }
         std::thread::sleep(Duration::from_millis(rng.random_range(300..800)));
         assert!(
-            child.try_wait().unwrap().is_none(),
-            "exited in round {round}"
+            !child.exited(),
+            "exited in round {round}:\n{}",
+            child.log_tail()
         );
         // The new version lands; the kill comes while it is compiled,
         // swapped in, or running its first batches.
@@ -199,33 +201,74 @@ fn sigkill_right_after_a_hot_swap_loses_and_doubles_nothing() {
             "marker.wasm",
         );
         std::thread::sleep(Duration::from_millis(rng.random_range(0..400)));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.kill();
         arrive(&staging, &input, round, "300");
     }
+    // The rest, with the last round's arrivals, goes to v2: it runs
+    // whatever the kills left it.
+    install(&v2, &plugins, "marker.wasm");
     run_once(&plugins, &input, &url, &dir.join("state"), &[]);
 
     let expected = expected(&input);
     let actual = table(&url);
-    assert_eq!(actual.len(), expected.rows.len(), "rows lost or doubled");
+    // Which version processed a row depends on where the kills fell; the
+    // expected outcome of each row follows from the rules of the version
+    // that did (see the marker fixture): v1 rejects product 900, v2
+    // rejects 901 and adds a cent to 902. A row missing from the table
+    // must be quarantined as rejected by a version whose rule rejects it.
+    let rejects = |version: usize, product: i32| product == [900, 901][version];
+    let rejected: std::collections::BTreeMap<String, (String, String)> = query(
+        &url,
+        "SELECT event_id, reason, file || ':' || line FROM pipeline.quarantine WHERE kind = 'rejected'",
+    )
+    .into_iter()
+    .map(|r| (r[0].clone().unwrap(), (r[1].clone().unwrap(), r[2].clone().unwrap_or_default())))
+    .collect();
     let mut marks = [0i64; 2];
+    let mut missing = 0;
     for (id, row) in &expected.rows {
-        let mut got = actual
-            .get(id)
-            .unwrap_or_else(|| panic!("event {id} lost"))
-            .clone();
-        let kind = if let Some(k) = got.1.strip_suffix("_v1") {
-            marks[0] += 1;
-            k
+        let Some(got) = actual.get(id) else {
+            let (reason, at) = rejected
+                .get(id)
+                .unwrap_or_else(|| panic!("event {id} lost: neither in the table nor rejected"));
+            let version = (0..2)
+                .find(|&v| reason == &format!("product {} is not sold_v{}", row.2, v + 1))
+                .unwrap_or_else(|| panic!("event {id} ({at}) rejected for no rule: {reason}"));
+            assert!(rejects(version, row.2), "event {id}: {reason}");
+            missing += 1;
+            continue;
+        };
+        let mut got = got.clone();
+        let version = if let Some(k) = got.1.strip_suffix("_v1") {
+            got.1 = k.to_owned();
+            0
         } else if let Some(k) = got.1.strip_suffix("_v2") {
-            marks[1] += 1;
-            k
+            got.1 = k.to_owned();
+            1
         } else {
             panic!("event {id} not marked by either version: {}", got.1)
         };
-        got.1 = kind.to_owned();
-        assert_eq!(&got, row, "event {id}");
+        marks[version] += 1;
+        assert!(
+            !rejects(version, row.2),
+            "event {id} kept by v{}",
+            version + 1
+        );
+        let mut want = row.clone();
+        if version == 1 && row.2 == 902 {
+            let (whole, frac) = want.3.split_once('.').unwrap();
+            let cents = whole.parse::<u64>().unwrap() * 100 + frac.parse::<u64>().unwrap() + 1;
+            want.3 = format!("{}.{:02}", cents / 100, cents % 100);
+        }
+        assert_eq!(got, want, "event {id} (v{})", version + 1);
     }
+    assert_eq!(
+        actual.len() + missing,
+        expected.rows.len(),
+        "rows lost or doubled: {} in the table, {missing} rejected, {} expected",
+        actual.len(),
+        expected.rows.len()
+    );
     assert!(marks[0] > 0 && marks[1] > 0, "both versions ran: {marks:?}");
     // Every committed batch names the version that marked its rows.
     for (path, marked) in [(&v1, marks[0]), (&v2, marks[1])] {
@@ -236,8 +279,19 @@ fn sigkill_right_after_a_hot_swap_loses_and_doubles_nothing() {
         assert_eq!(written, marked, "batch records of {}", path.display());
     }
     assert_eq!(
-        count(&url, "SELECT count(*) FROM pipeline.quarantine") as usize,
+        count(
+            &url,
+            "SELECT count(*) FROM pipeline.quarantine WHERE kind = 'malformed'"
+        ) as usize,
         expected.malformed
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) - count(DISTINCT (kind, file, line)) FROM pipeline.quarantine"
+        ),
+        0,
+        "a record quarantined twice"
     );
 }
 
@@ -289,19 +343,17 @@ fn sigkill_while_the_embedded_postgres_starts_then_a_restart_recovers() {
         if let Some(pid) = postmaster(&cluster) {
             kill_and_wait(pid, libc::SIGKILL);
         }
-        let mut child = host()
-            .args(embedded_run())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let log = dir.join(format!("host-{round}.log"));
+        let mut cmd = host();
+        cmd.args(embedded_run());
+        let child = Running::spawn(cmd, &log);
         if round < 2 {
             // Early: during initdb.
             std::thread::sleep(Duration::from_millis(rng.random_range(100..1500)));
         } else {
             // Later: once the cluster exists, while the server starts
             // (from round 3 on, over the stale postmaster.pid).
-            wait_until(Duration::from_secs(90), "initdb", || {
+            wait_until(PATIENCE, "initdb", || {
                 std::fs::read_to_string(cluster.join("postgresql.conf"))
                     .is_ok_and(|t| t.contains("Set by the pipeline host"))
             });
@@ -312,10 +364,11 @@ fn sigkill_while_the_embedded_postgres_starts_then_a_restart_recovers() {
             (true, None) => "between initdb and the server's start",
             (true, Some(_)) => "with the server up or starting",
         };
-        child.kill().unwrap();
-        let out = child.wait_with_output().unwrap();
+        child.kill();
         // The URL is printed once the server is ready and the database made.
-        let ready = String::from_utf8_lossy(&out.stdout).contains("embedded PostgreSQL:");
+        let ready = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("embedded PostgreSQL:");
         if !ready {
             killed_during_start += 1;
         }

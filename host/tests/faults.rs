@@ -220,7 +220,7 @@ fn a_stage_that_fails_every_event_pauses_the_input_until_a_new_version_arrives()
     let started = Instant::now();
     let health = || http_get(port, "/healthz");
     wait_until(
-        Duration::from_secs(60),
+        PATIENCE,
         "the pause",
         || matches!(health(), Some((503, body)) if body.contains("paused the input")),
     );
@@ -236,15 +236,18 @@ fn a_stage_that_fails_every_event_pauses_the_input_until_a_new_version_arrives()
         "{metrics}"
     );
     // Held: only the three failed batches are quarantined, nothing more.
-    std::thread::sleep(Duration::from_millis(1500));
     let failed = || count(&url, "SELECT count(*) FROM pipeline.quarantine");
+    // The pause is declared as the third batch goes to the sink: wait for
+    // its commit, then give a fourth batch every chance to (wrongly) come.
+    wait_for("three quarantined batches", failed, |n| *n >= 60);
+    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(failed(), 60, "three batches of 20, then held");
     assert_eq!(count(&url, "SELECT count(*) FROM ecommerce_events"), 0);
 
     // A new version that fails every event too: the held batch is not
     // committed (no quarantine), and the input stays held.
     std::fs::write(plugins.join("pipeline.toml"), manifest("fail")).unwrap();
-    wait_until(Duration::from_secs(30), "the failed probe", || {
+    wait_until(PATIENCE, "the failed probe", || {
         std::fs::read_to_string(&log)
             .unwrap()
             .contains("fails every event of the held batch too")
@@ -259,7 +262,7 @@ fn a_stage_that_fails_every_event_pauses_the_input_until_a_new_version_arrives()
         &plugins,
         "stage.wasm",
     );
-    wait_until(Duration::from_secs(60), "the held rows", || {
+    wait_until(PATIENCE, "the held rows", || {
         table_ready(&url) && count(&url, "SELECT count(*) FROM ecommerce_events") == 140
     });
     assert_eq!(

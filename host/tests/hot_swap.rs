@@ -5,48 +5,25 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 
-fn start(plugins: &Path, input: &Path, url: &str, state: &Path) -> Child {
-    host()
-        .args(run_args(plugins, input, url, state))
-        .args(["--batch-size", "50", "--snapshot-interval", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn stop(child: Child) -> String {
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "host did not exit cleanly on SIGTERM:\n{stderr}"
-    );
-    stderr
+fn start(plugins: &Path, input: &Path, url: &str, state: &Path) -> Running {
+    let mut cmd = host();
+    cmd.args(run_args(plugins, input, url, state)).args([
+        "--batch-size",
+        "50",
+        "--snapshot-interval",
+        "0",
+    ]);
+    std::fs::create_dir_all(state).unwrap();
+    Running::spawn(cmd, &state.join("host.log"))
 }
 
 fn install(from: &Path, plugins: &Path, name: &str) {
     let tmp = plugins.join(format!(".{name}.tmp"));
     std::fs::copy(from, &tmp).unwrap();
     std::fs::rename(tmp, plugins.join(name)).unwrap();
-}
-
-fn wait_for_rows(url: &str, n: i64) {
-    let started = Instant::now();
-    let ready = || query(url, "SELECT to_regclass('ecommerce_events')::text")[0][0].is_some();
-    while !ready() || count(url, "SELECT count(*) FROM ecommerce_events") < n {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "rows did not arrive"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Writes a file of ten fresh events and waits until the table holds `total`.
@@ -78,7 +55,7 @@ fn swapping_versions_mid_stream_marks_every_row_by_exactly_one_version() {
     let input = dir.join("input");
     std::fs::create_dir_all(&input).unwrap();
     let url = fresh_db("swap");
-    let child = start(&plugins, &input, &url, &dir.join("state"));
+    let mut child = start(&plugins, &input, &url, &dir.join("state"));
 
     let rounds = 6;
     for round in 0..rounds {
@@ -90,7 +67,8 @@ fn swapping_versions_mid_stream_marks_every_row_by_exactly_one_version() {
             &plugins,
             "marker.wasm",
         );
-        std::thread::sleep(Duration::from_millis(700));
+        // Every round changes the version: wait for it to be live.
+        child.wait_for_log("stage plan ready", round + 1);
     }
     write_csv(
         &input,
@@ -98,7 +76,7 @@ fn swapping_versions_mid_stream_marks_every_row_by_exactly_one_version() {
         &(0..200).map(|_| row(1, 1)).collect::<Vec<_>>(),
     );
     wait_for_rows(&url, 200 * (rounds + 1) as i64);
-    let log = stop(child);
+    let log = child.stop();
 
     let total = 200 * (rounds + 1) as i64;
     assert_eq!(count(&url, "SELECT count(*) FROM ecommerce_events"), total);
@@ -146,20 +124,19 @@ fn dedup_state_survives_a_swap() {
     let input = dir.join("input");
     std::fs::create_dir_all(&input).unwrap();
     let url = fresh_db("dedup_swap");
-    let child = start(&plugins, &input, &url, &dir.join("state"));
+    let mut child = start(&plugins, &input, &url, &dir.join("state"));
 
     let first: Vec<String> = (0..20).map(|_| row(1, 1)).collect();
     write_csv(&input, "a.csv", &first);
     wait_for_rows(&url, 20);
     // A config change makes a new instance, which must get the old state.
     std::fs::write(plugins.join("pipeline.toml"), manifest(99_999)).unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    child.wait_for_log("stage plan ready", 1);
     let mut second: Vec<String> = (0..10).map(|_| row(1, 1)).collect();
     second.push(first[5].clone());
     write_csv(&input, "b.csv", &second);
     wait_for_rows(&url, 30);
-    std::thread::sleep(Duration::from_millis(300));
-    let log = stop(child);
+    let log = child.stop();
 
     assert_eq!(count(&url, "SELECT count(*) FROM ecommerce_events"), 30);
     assert_eq!(
@@ -193,7 +170,7 @@ fn a_broken_component_is_rejected_and_the_old_version_keeps_running() {
     let input = dir.join("input");
     std::fs::create_dir_all(&input).unwrap();
     let url = fresh_db("reject");
-    let child = start(&plugins, &input, &url, &dir.join("state"));
+    let mut child = start(&plugins, &input, &url, &dir.join("state"));
 
     feed_ten(&input, &url, "a.csv", 10);
     // Garbage, then a component of the wrong world, then one that fails every batch.
@@ -202,7 +179,7 @@ fn a_broken_component_is_rejected_and_the_old_version_keeps_running() {
     let faulty_plugins = [garbage, fixtures_dir().join("wrong_world.wasm")];
     for (i, bad) in faulty_plugins.iter().enumerate() {
         install(bad, &plugins, "marker.wasm");
-        std::thread::sleep(Duration::from_millis(800));
+        child.wait_for_log("component rejected", i + 1);
         feed_ten(&input, &url, &format!("b{i}.csv"), 20 + 10 * i as i64);
     }
     // A component that fails its first batch is rolled back.
@@ -216,8 +193,9 @@ fn a_broken_component_is_rejected_and_the_old_version_keeps_running() {
         "[[stage]]\nname = \"marker\"\ncomponent = \"faulty.wasm\"\n[stage.config]\nmode = \"fail\"\n",
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    child.wait_for_log("stage plan ready", 1);
     feed_ten(&input, &url, "c.csv", 40);
+    child.wait_for_log("failed its first batch", 1);
     // Fixing the file is picked up.
     install(
         &fixtures_dir().join("marker_v2.wasm"),
@@ -229,9 +207,9 @@ fn a_broken_component_is_rejected_and_the_old_version_keeps_running() {
         "[[stage]]\nname = \"marker\"\ncomponent = \"marker.wasm\"\n",
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    child.wait_for_log("stage plan ready", 2);
     feed_ten(&input, &url, "d.csv", 50);
-    let log = stop(child);
+    let log = child.stop();
 
     assert_eq!(
         count(
@@ -260,15 +238,12 @@ fn a_broken_component_is_rejected_and_the_old_version_keeps_running() {
 
 /// Waits until `sql` (a single count) reaches `n`.
 fn wait_for_count(url: &str, sql: &str, n: i64) {
-    let started = Instant::now();
     let ready = || query(url, "SELECT to_regclass('pipeline.batches')::text")[0][0].is_some();
-    while !ready() || count(url, sql) < n {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {sql} to reach {n}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for(
+        &format!("{sql} to reach {n}"),
+        || if ready() { count(url, sql) } else { 0 },
+        |got| *got >= n,
+    );
 }
 
 /// Rows for the marker's rules: products 1 (marked only), 900 (v1
@@ -385,7 +360,7 @@ fn a_shadow_candidate_is_compared_on_every_batch_then_promoted() {
     let input = dir.join("input");
     std::fs::create_dir_all(&input).unwrap();
     let url = fresh_db("shadow");
-    let child = start(&plugins, &input, &url, &dir.join("state"));
+    let mut child = start(&plugins, &input, &url, &dir.join("state"));
     let rows_in = "SELECT coalesce(sum(rows_in), 0) FROM pipeline.batches";
 
     // Phase 1: v1 live, v2 in shadow.
@@ -450,7 +425,7 @@ fn a_shadow_candidate_is_compared_on_every_batch_then_promoted() {
         std::fs::read_to_string(plugins.join("pipeline.toml")).unwrap(),
         "# the marker stage\n[[stage]]\nname = \"marker\"\ncomponent = \"marker_v2.wasm\"  # live\n"
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    child.wait_for_log("stage plan ready", 1);
 
     // Phase 2: v2 live, no shadow.
     let mut phase2 = Vec::new();
@@ -464,7 +439,7 @@ fn a_shadow_candidate_is_compared_on_every_batch_then_promoted() {
         phase2.extend(rows);
     }
     wait_for_count(&url, rows_in, (phase1.len() + phase2.len()) as i64);
-    let log = stop(child);
+    let log = child.stop();
 
     let kept2 = phase2.iter().filter(|r| r.1 != 901).count() as i64;
     let table = table(&url);
@@ -593,12 +568,12 @@ fn refuse_swap_keeps_the_old_version_and_reset_starts_the_new_one_empty() {
     let input = dir.join("input");
     std::fs::create_dir_all(&input).unwrap();
     let url = fresh_db("incompatible");
-    let child = start(&plugins, &input, &url, &dir.join("state"));
+    let mut child = start(&plugins, &input, &url, &dir.join("state"));
 
     feed_ten(&input, &url, "a.csv", 10);
     // v3 cannot read v1's state: refused, v1 goes on.
     install(&v3, &plugins, "marker.wasm");
-    std::thread::sleep(Duration::from_millis(800));
+    child.wait_for_log("stage plan ready", 1);
     feed_ten(&input, &url, "b.csv", 20);
     assert_eq!(
         count(
@@ -609,9 +584,9 @@ fn refuse_swap_keeps_the_old_version_and_reset_starts_the_new_one_empty() {
     );
     // With reset, the same file is swapped in and starts empty.
     std::fs::write(plugins.join("pipeline.toml"), manifest("reset")).unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    child.wait_for_log("stage plan ready", 2);
     feed_ten(&input, &url, "c.csv", 30);
-    let log = stop(child);
+    let log = child.stop();
 
     assert_eq!(
         count(

@@ -79,9 +79,7 @@ fn a_database_outage_mid_stream_loses_nothing_and_memory_stays_bounded() {
             0
         }
     };
-    wait_until(Duration::from_secs(60), "rows before the outage", || {
-        rows(&url) >= 1000
-    });
+    wait_until(PATIENCE, "rows before the outage", || rows(&url) >= 1000);
     assert_eq!(http_get(port, "/healthz").map(|r| r.0), Some(200));
     let (_, rss_before) = memory_kb(pid).unwrap();
 
@@ -105,7 +103,7 @@ fn a_database_outage_mid_stream_loses_nothing_and_memory_stays_bounded() {
     }
     server.start_again().expect("start the server again");
     let up_at = Instant::now();
-    wait_until(Duration::from_secs(30), "healthy again", || {
+    wait_until(PATIENCE, "healthy again", || {
         matches!(http_get(port, "/healthz"), Some((200, _)))
     });
     let healthy_after = up_at.elapsed();
@@ -114,7 +112,7 @@ fn a_database_outage_mid_stream_loses_nothing_and_memory_stays_bounded() {
     let files = feeder.join().unwrap();
 
     let expected = expected(&input);
-    wait_until(Duration::from_secs(60), "every row", || {
+    wait_until(PATIENCE, "every row", || {
         rows(&url) as usize >= expected.rows.len()
     });
     std::thread::sleep(Duration::from_millis(500));

@@ -12,8 +12,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -179,23 +177,13 @@ fn plugins_for_other_versions_are_refused_with_the_versions() {
 /// Writes a file of ten fresh events and waits until the table holds `total`.
 fn feed_ten(input: &Path, url: &str, name: &str, total: i64) {
     write_csv(input, name, &(0..10).map(|_| row(1, 1)).collect::<Vec<_>>());
-    let started = Instant::now();
-    let ready = || query(url, "SELECT to_regclass('ecommerce_events')::text")[0][0].is_some();
-    while !ready() || count(url, "SELECT count(*) FROM ecommerce_events") < total {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "rows did not arrive"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_rows(url, total);
 }
 
 fn install(from: &Path, plugins: &Path, name: &str) {
     let tmp = plugins.join(format!(".{name}.tmp"));
     std::fs::copy(from, &tmp).unwrap();
     std::fs::rename(tmp, plugins.join(name)).unwrap();
-    // The watcher waits for the file to settle, then loads it in the background.
-    std::thread::sleep(Duration::from_millis(800));
 }
 
 #[test]
@@ -209,13 +197,10 @@ fn a_hot_swap_refuses_0_2_0_and_takes_0_1_1() {
     let input = dir.join("input");
     std::fs::create_dir_all(&input).unwrap();
     let url = fresh_db("wit_swap");
-    let child = host()
-        .args(run_args(&plugins, &input, &url, &dir.join("state")))
-        .args(["--batch-size", "50"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = host();
+    cmd.args(run_args(&plugins, &input, &url, &dir.join("state")))
+        .args(["--batch-size", "50"]);
+    let mut child = Running::spawn(cmd, &dir.join("host.log"));
 
     feed_ten(&input, &url, "a.csv", 10);
     install(
@@ -223,19 +208,17 @@ fn a_hot_swap_refuses_0_2_0_and_takes_0_1_1() {
         &plugins,
         "stage.wasm",
     );
+    child.wait_for_log("component rejected", 1);
     feed_ten(&input, &url, "b.csv", 20);
     install(
         &fixtures_dir().join("wit_0.1.1.wasm"),
         &plugins,
         "stage.wasm",
     );
+    child.wait_for_log("stage plan ready", 1);
     feed_ten(&input, &url, "c.csv", 30);
 
-    // SAFETY: signalling the child this test started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
+    let log = child.stop();
     assert!(
         log.contains("targets ecommerce:pipeline@0.2.0"),
         "the refusal is logged: {log}"

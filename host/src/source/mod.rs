@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
 use crate::batch::{Batch, Batcher, Position};
+use crate::watch::FolderWatch;
 pub use file::file_key;
 use file::Tracked;
 
@@ -127,23 +128,15 @@ impl Source {
             path: input.clone(),
             source,
         })?;
-        let (wake_tx, wake_rx) = std::sync::mpsc::channel::<()>();
-        let mut watcher = notify::recommended_watcher(move |_event| {
-            let _ = wake_tx.send(());
-        })
-        .map_err(|source| SourceError::Watch {
-            path: input.clone(),
-            source,
-        })?;
-        if !self.config.once {
-            use notify::Watcher;
-            watcher
-                .watch(&input, notify::RecursiveMode::NonRecursive)
-                .map_err(|source| SourceError::Watch {
-                    path: input.clone(),
-                    source,
-                })?;
-        }
+        // With `once` the folder is read as it stands: nothing to wait for.
+        let watch = if self.config.once {
+            FolderWatch::disabled()
+        } else {
+            FolderWatch::new(&input).map_err(|source| SourceError::Watch {
+                path: input.clone(),
+                source,
+            })?
+        };
 
         let mut outlet = Outlet {
             batcher,
@@ -168,15 +161,9 @@ impl Source {
             // Idle: nothing more to read right now, so commit what we have.
             let idle = outlet.batcher.take();
             outlet.send(idle);
-            match wake_rx.recv_timeout(self.config.rescan) {
-                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    tracing::warn!("file watcher stopped; relying on the periodic rescan");
-                    std::thread::sleep(self.config.rescan);
-                }
-            }
-            // Coalesce a burst of events into one pass.
-            while wake_rx.try_recv().is_ok() {}
+            // Woken by a change, or the periodic rescan is due; a burst of
+            // events arrives as one wake.
+            watch.wait(self.config.rescan);
         }
     }
 

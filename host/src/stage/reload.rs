@@ -23,6 +23,7 @@ use super::runtime::{LoadedComponent, Runtime};
 use super::shadow::{self, Candidate};
 use super::StageError;
 use crate::metrics;
+use crate::watch::FolderWatch;
 
 /// How long a component file must be unchanged before it is loaded.
 const QUIET: Duration = Duration::from_millis(300);
@@ -193,32 +194,18 @@ pub fn watch(
     plans: mpsc::Sender<Vec<Prepared>>,
     shutdown: Arc<AtomicBool>,
 ) {
-    let (wake_tx, wake_rx) = mpsc::channel::<()>();
-    let watcher = notify::recommended_watcher(move |_event| {
-        let _ = wake_tx.send(());
+    let watch = FolderWatch::new(&plugins_dir).unwrap_or_else(|e| {
+        tracing::warn!(dir = %plugins_dir.display(), "cannot watch the plugins folder ({e}); checking it every 2 s");
+        FolderWatch::disabled()
     });
-    let _watcher = match watcher {
-        Ok(mut w) => {
-            use notify::Watcher;
-            if let Err(e) = w.watch(&plugins_dir, notify::RecursiveMode::NonRecursive) {
-                tracing::warn!(dir = %plugins_dir.display(), "cannot watch the plugins folder ({e}); checking it every 2 s");
-            }
-            Some(w)
-        }
-        Err(e) => {
-            tracing::warn!("cannot watch the plugins folder ({e}); checking it every 2 s");
-            None
-        }
-    };
     let mut last_manifest_error = None;
     while !shutdown.load(Ordering::Relaxed) {
-        match wake_rx.recv_timeout(Duration::from_secs(2)) {
-            Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_secs(2)),
-        }
+        // Only writes, renames and removals wake us: our own reads of the
+        // components (hashing, compiling) must not start another pass.
+        watch.wait(Duration::from_secs(2));
         // Let a burst of writes settle into one reload.
         std::thread::sleep(Duration::from_millis(100));
-        while wake_rx.try_recv().is_ok() {}
+        watch.clear();
 
         let manifest = match Manifest::load(&plugins_dir) {
             Ok(m) => {
@@ -245,6 +232,8 @@ pub fn watch(
                     || !shadow::same_candidate(a.shadow.as_ref(), b.shadow.as_ref())
             });
         if changed {
+            let names: Vec<&str> = plan.iter().map(|p| p.spec.name.as_str()).collect();
+            tracing::info!(stages = %names.join(","), "stage plan ready: it takes effect at the next batch boundary");
             current = plan.clone();
             if plans.send(plan).is_err() {
                 return;

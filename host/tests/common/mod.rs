@@ -415,47 +415,206 @@ pub fn memory_kb(pid: u32) -> Option<(u64, u64)> {
     Some((field("VmHWM:")?, field("VmRSS:")?))
 }
 
+/// How long a test waits for something the system must do: minutes, not
+/// seconds, so that a busy CI machine (two cores, other jobs) makes a test
+/// slow, never wrong. A wait that passes it prints what it saw.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Waits until `ready` holds, failing the test after `limit`.
 pub fn wait_until(limit: std::time::Duration, what: &str, mut ready: impl FnMut() -> bool) {
     let started = std::time::Instant::now();
     while !ready() {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {:?} waiting for {what}",
+            started.elapsed()
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
-/// A spawned host that is killed if the test fails before stopping it,
-/// so a failed test leaves no process behind.
-pub struct Running(pub Option<std::process::Child>);
+/// Probes until `done` holds of what `probe` returns, for up to
+/// `PATIENCE`; a timeout reports the last value seen. Returns it.
+pub fn wait_for<T: std::fmt::Debug>(
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let started = std::time::Instant::now();
+    loop {
+        let seen = probe();
+        if done(&seen) {
+            return seen;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "timed out after {:?} waiting for {what}; last seen: {seen:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Waits up to `PATIENCE` until the table holds at least `n` rows; a
+/// timeout reports how many arrived.
+pub fn wait_for_rows(url: &str, n: i64) {
+    let rows = || {
+        let exists = query(url, "SELECT to_regclass('ecommerce_events')::text")[0][0].is_some();
+        if exists {
+            count(url, "SELECT count(*) FROM ecommerce_events")
+        } else {
+            0
+        }
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let got = rows();
+        if got >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "timed out after {:?} waiting for {n} rows: {got} arrived",
+            started.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A spawned host, killed and reaped when dropped (also when the test
+/// panics), so a failed test leaves no process behind. Its stdout and
+/// stderr go to a log file (never to a pipe that nobody reads, which would
+/// stall a chatty host); `log` reads it and failed waits print its tail.
+pub struct Running {
+    pub child: Option<std::process::Child>,
+    log: Option<PathBuf>,
+}
 
 impl Running {
+    /// Wraps a child whose output the caller arranged.
     pub fn new(child: std::process::Child) -> Running {
-        Running(Some(child))
+        Running {
+            child: Some(child),
+            log: None,
+        }
+    }
+
+    /// Spawns `cmd` with its stdout and stderr appended to `log`.
+    pub fn spawn(mut cmd: Command, log: &Path) -> Running {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let child = cmd
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawn the host");
+        Running {
+            child: Some(child),
+            log: Some(log.to_owned()),
+        }
     }
 
     pub fn id(&self) -> u32 {
-        self.0.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Everything the host printed so far (empty without a log file).
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The last lines the host printed, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Waits up to `PATIENCE` until `ready` holds; a timeout, or the host
+    /// exiting meanwhile, fails the test with the host's last log lines.
+    pub fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) {
+        let started = std::time::Instant::now();
+        while !ready() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                if ready() {
+                    return;
+                }
+                panic!(
+                    "host exited ({status}) while waiting for {what}; its last lines:\n{}",
+                    self.log_tail()
+                );
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "timed out after {:?} waiting for {what}; the host's last lines:\n{}",
+                started.elapsed(),
+                self.log_tail()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// How many times the host has logged `needle` so far.
+    pub fn logged(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Waits until the host has logged `needle` at least `times` times:
+    /// how a test knows that a swap or a rejection has happened instead
+    /// of sleeping and hoping.
+    pub fn wait_for_log(&mut self, needle: &str, times: usize) {
+        let what = format!("{times} log line(s) with {needle:?}");
+        let log = self.log.clone().expect("a host spawned with a log file");
+        self.wait_until(&what, || {
+            std::fs::read(&log)
+                .map(|b| String::from_utf8_lossy(&b).matches(needle).count() >= times)
+                .unwrap_or(false)
+        });
     }
 
     /// SIGTERM, then waits: whether it exited cleanly.
     pub fn terminate(mut self) -> bool {
-        let Some(mut child) = self.0.take() else {
+        let Some(mut child) = self.child.take() else {
             return false;
         };
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         child.wait().map(|s| s.success()).unwrap_or(false)
     }
 
+    /// SIGTERM, waits, asserts a clean exit, and returns the host's log.
+    pub fn stop(mut self) -> String {
+        let mut child = self.child.take().expect("host already stopped");
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().expect("wait for the host");
+        let log = self.log();
+        assert!(
+            status.success(),
+            "host did not exit cleanly on SIGTERM ({status}):\n{log}"
+        );
+        log
+    }
+
     /// SIGKILL, then waits.
     pub fn kill(mut self) {
-        if let Some(mut child) = self.0.take() {
+        if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
     pub fn exited(&mut self) -> bool {
-        self.0
+        self.child
             .as_mut()
             .map(|c| c.try_wait().ok().flatten().is_some())
             .unwrap_or(true)
@@ -464,7 +623,7 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
+        if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -5,7 +5,8 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:-$here/../..}"
 cd "$here"
-[ -x node_modules/.bin/componentize-js ] || npm install --silent --no-audit --no-fund
+# npm ci installs exactly the lockfile and never rewrites it.
+[ -x node_modules/.bin/componentize-js ] || npm ci --silent --no-audit --no-fund
 mkdir -p "$out"
 node_modules/.bin/componentize-js --wit ../../../wit -n plugin -d http fetch-event -o "$out/.currency_js.wasm.tmp" stage.js >/dev/null
 mv "$out/.currency_js.wasm.tmp" "$out/currency_js.wasm"
