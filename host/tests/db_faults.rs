@@ -181,7 +181,7 @@ fn assert_table_exact(url: &str, input: &Path) {
 fn wait_exit(host: &mut Running, limit: Duration) -> Option<std::process::ExitStatus> {
     let started = Instant::now();
     while started.elapsed() < limit {
-        if let Some(status) = host.0.as_mut().unwrap().try_wait().unwrap() {
+        if let Some(status) = host.child.as_mut().unwrap().try_wait().unwrap() {
             return Some(status);
         }
         std::thread::sleep(Duration::from_millis(50));
