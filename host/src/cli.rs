@@ -237,6 +237,11 @@ pub struct RunArgs {
     /// file it can read into the quarantine.
     #[arg(long)]
     pub follow_symlinks: bool,
+    /// What to do with a file once all of it is committed and it has been
+    /// unchanged for 2 s: keep, delete, or move:DIR (a folder on the same
+    /// file system). Without it the folder grows and every pass lists it.
+    #[arg(long, default_value = "keep")]
+    pub on_done: crate::source::OnDone,
     /// Pause the input when one stage fails every event of this many
     /// consecutive batches (a broken stage would otherwise quarantine the
     /// whole input); a new version of the stage resumes it. 0: never pause.

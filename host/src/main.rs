@@ -52,6 +52,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 connect_timeout: args.connect_timeout,
                 shutdown_timeout: args.shutdown_timeout,
                 follow_symlinks: args.follow_symlinks,
+                on_done: args.on_done,
             };
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

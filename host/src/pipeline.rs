@@ -27,7 +27,7 @@ use crate::embedded::{self, EmbeddedPostgres, Tuning};
 use crate::metrics::{self, Metrics};
 use crate::pause::Breaker;
 use crate::sink::{self, Commit, Sink};
-use crate::source::{Source, SourceConfig};
+use crate::source::{OnDone, Source, SourceConfig};
 use crate::stage::chain::{Chain, Prepared, StageRejection, StageRun};
 use crate::stage::manifest::Manifest;
 use crate::stage::reload::{self, Loader};
@@ -51,6 +51,8 @@ pub struct RunConfig {
     pub shutdown_timeout: Duration,
     /// Read what symbolic links in the input folder point to.
     pub follow_symlinks: bool,
+    /// What becomes of files fully committed.
+    pub on_done: OnDone,
     /// Consecutive wholly failed batches of one stage that pause the
     /// input (0: never); see `pause`.
     pub pause_after: u32,
@@ -171,7 +173,16 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
 
     let mut source_config = SourceConfig::new(config.input.clone(), config.once);
     source_config.follow_symlinks = config.follow_symlinks;
-    let source = Source::new(source_config, checkpoint.positions, shutdown.clone());
+    source_config.on_done = config.on_done.clone();
+    let mut source = Source::new(source_config, checkpoint.positions, shutdown.clone());
+    // With --on-done the source learns which positions are committed.
+    let done_feed = if config.on_done != OnDone::Keep {
+        let (tx, rx) = std::sync::mpsc::channel();
+        source.committed_feed(rx);
+        Some(tx)
+    } else {
+        None
+    };
     let batcher = Batcher::new(config.batch_size, config.batch_interval);
     let source_thread = std::thread::Builder::new()
         .name("source".into())
@@ -223,6 +234,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
             .into()),
         };
         sink::record(m, &commit, &done);
+        if let Some(feed) = &done_feed {
+            let _ = feed.send(commit.positions.clone());
+        }
         totals.batches += 1;
         totals.rows_in += commit.rows_in as u64;
         totals.written += done.written;

@@ -80,6 +80,11 @@ impl Tracked {
         }
     }
 
+    /// Bytes read so far.
+    pub(super) fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// Follows a rename: positions and quarantine name the current path.
     pub(super) fn path_seen(&mut self, path: &Path) {
         if *self.path != *path.to_string_lossy() {
