@@ -8,7 +8,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 HOST := target/release/host
 
-.PHONY: run build plugins examples fixtures test lint toolchain postgres clean bench bench-languages
+.PHONY: run build plugins examples fixtures test lint toolchain postgres browser clean bench bench-languages
 
 run: build
 	@mkdir -p data/input
@@ -62,9 +62,16 @@ postgres:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null; \
 	else echo "PostgreSQL: none running; the tests start their own"; fi
 
+# Headless Chromium (Debian's package) and tmux for the dashboard and
+# `host top` tests (host/tests/dashboard.rs, host/tests/top.rs).
+browser:
+	@command -v chromium >/dev/null && command -v tmux >/dev/null || \
+	  (echo "installing chromium and tmux for the dashboard tests"; \
+	   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium tmux >/dev/null)
+
 # Every test binary runs even when one fails (--no-fail-fast); the run ends
 # with the failed tests listed, and fails if any did.
-test: build examples fixtures postgres
+test: build examples fixtures postgres browser
 	cd plugins/python/currency && python3 -m unittest -q test_app
 	cd plugins/rust && $(CARGO) test --release
 	@set -o pipefail; $(CARGO) test --release --workspace --no-fail-fast 2>&1 | tee target/test.log; status=$$?; \

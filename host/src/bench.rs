@@ -186,6 +186,8 @@ pub fn run(config: BenchConfig) -> anyhow::Result<Report> {
     report.ceiling_eps = rows.len() as f64 / report.ceiling_s;
     drop(rows);
 
+    // The child shows its own progress (a bar on a terminal) on the
+    // stderr it inherits.
     eprintln!("pipeline: host run --once over {files} files");
     let state = config.work_dir.join("state");
     let postgres = runtime.block_on(Postmaster::find(&url));
@@ -529,6 +531,11 @@ impl Feed<'_> {
         let count = (seconds * 1000 / every.as_millis().max(1) as u64).max(1) as usize;
         let start = Instant::now();
         let mut idle_rss: Option<f64> = None;
+        let mut progress = crate::progress::Progress::new(
+            "bench latency",
+            count as u64,
+            crate::progress::Unit::Files,
+        );
         for i in 0..count {
             tokio::time::sleep_until((start + every * i as u32).into()).await;
             if let Some(rss) = rss_mb(self.child.id()) {
@@ -536,7 +543,9 @@ impl Feed<'_> {
             }
             let fed = files.next(events)?;
             lock(&pending).push(fed);
+            progress.set(i as u64 + 1, label.clone());
         }
+        progress.finish();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !lock(&pending).is_empty() {
             if poller.is_finished() || Instant::now() > deadline {

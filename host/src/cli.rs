@@ -37,6 +37,16 @@ pub enum Command {
     /// Measure the pipeline against PostgreSQL's own COPY ceiling, its
     /// latency from file to table, and its memory; print a table and JSON.
     Bench(BenchArgs),
+    /// Watch a running host in the terminal: stages with totals and rates,
+    /// lag, latency, the last plugin events (q quits, s sorts, / filters).
+    Top(TopArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    /// The running host's --metrics-addr.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub addr: String,
 }
 
 #[derive(Args, Debug)]
@@ -209,7 +219,8 @@ pub struct RunArgs {
     /// Process every file present, commit, and exit (backfill, tests, benchmarks).
     #[arg(long)]
     pub once: bool,
-    /// Where /metrics (Prometheus) and /healthz are served; "off" disables.
+    /// Where the dashboard (/), /api/status, /metrics (Prometheus) and
+    /// /healthz are served; "off" disables.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: String,
     /// Local state: the embedded PostgreSQL cluster and the compile cache.

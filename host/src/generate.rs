@@ -80,6 +80,15 @@ impl Generator {
 
     /// Writes files until `--files` is reached (forever without it).
     pub fn run(&mut self, stop: &std::sync::atomic::AtomicBool) -> std::io::Result<u64> {
+        self.run_with(stop, |_| {})
+    }
+
+    /// `run`, calling `written` with the count of files after each one.
+    pub fn run_with(
+        &mut self,
+        stop: &std::sync::atomic::AtomicBool,
+        mut written: impl FnMut(u64),
+    ) -> std::io::Result<u64> {
         std::fs::create_dir_all(&self.config.output)?;
         while self.config.files.is_none_or(|n| self.file_index < n) {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -87,6 +96,7 @@ impl Generator {
             }
             let path = self.write_file()?;
             tracing::info!(file = %path.display(), events = self.config.events_per_file, "generated");
+            written(self.file_index);
             if self.config.files.is_none_or(|n| self.file_index < n) {
                 // Sleep in steps so a stop request is honoured promptly.
                 let until = std::time::Instant::now() + self.config.interval;

@@ -138,6 +138,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             Ok(())
         }
+        Command::Top(args) => {
+            host::top::run(&args.addr)?;
+            Ok(())
+        }
         Command::Generate(args) => {
             for (name, rate) in [
                 ("--duplicate-rate", args.duplicate_rate),
@@ -160,9 +164,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 invalid_rate: args.invalid_rate,
                 seed: args.seed,
             });
+            // A bounded run gets a progress display (a bar on a terminal).
+            let mut progress = args
+                .files
+                .filter(|n| *n > 1)
+                .map(|n| host::progress::Progress::new("generate", n, host::progress::Unit::Files));
+            let events_per_file = args.events_per_file as u64;
             let files = generator
-                .run(&stop)
+                .run_with(&stop, |done| {
+                    if let Some(p) = &mut progress {
+                        p.set(done, format!("{} events", done * events_per_file));
+                    }
+                })
                 .with_context(|| format!("cannot write into {}", args.output.display()))?;
+            if let Some(p) = progress {
+                p.finish();
+            }
             println!("wrote {files} files into {}", args.output.display());
             Ok(())
         }

@@ -1,5 +1,6 @@
-//! Counters, gauges and histograms of the running pipeline, served as
-//! Prometheus text on `/metrics`, with `/healthz` beside them.
+//! Counters, gauges and histograms of the running pipeline, rendered as
+//! Prometheus text for `/metrics`, with the health `/healthz` reports
+//! (served by `http`).
 //!
 //! One process-wide registry (`global()`): the parts of the pipeline
 //! record into it without threading a handle through every call.
@@ -8,10 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use std::time::{Duration, SystemTime};
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS: [f64; 12] = [
@@ -57,6 +55,7 @@ pub struct Metrics {
     shadow_failures: Mutex<BTreeMap<(String, String), u64>>,
     problems: Mutex<BTreeMap<String, String>>,
     paused: Mutex<BTreeMap<String, bool>>,
+    last_db_error: Mutex<Option<(SystemTime, String)>>,
 }
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
@@ -133,6 +132,41 @@ impl Metrics {
 
     pub fn set_db_down(&self, down: bool) {
         self.db_down.store(down, Ordering::Relaxed);
+    }
+
+    pub fn db_down(&self) -> bool {
+        self.db_down.load(Ordering::Relaxed)
+    }
+
+    /// The last database error, kept for the status page after it heals.
+    pub fn db_error(&self, message: String) {
+        if let Ok(mut last) = self.last_db_error.lock() {
+            *last = Some((SystemTime::now(), message));
+        }
+    }
+
+    pub fn last_db_error(&self) -> Option<(SystemTime, String)> {
+        self.last_db_error.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// The stages holding the input, with why.
+    pub fn paused_stages(&self) -> Vec<(String, String)> {
+        let problems = self.problems.lock().map(|p| p.clone()).unwrap_or_default();
+        self.paused
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, paused)| **paused)
+                    .map(|(stage, _)| {
+                        let reason = problems
+                            .get(&format!("stage {stage}"))
+                            .cloned()
+                            .unwrap_or_default();
+                        (stage.clone(), reason)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Marks a part of the pipeline unhealthy (`Some(reason)`) or healthy.
@@ -230,7 +264,7 @@ impl Metrics {
         if let Ok(map) = self.stage_seconds.lock() {
             let _ = writeln!(out, "# HELP pipeline_stage_seconds time spent in each stage\n# TYPE pipeline_stage_seconds summary");
             for (stage, (count, sum)) in map.iter() {
-                let _ = writeln!(out, "pipeline_stage_seconds_sum{{stage=\"{stage}\"}} {sum}\npipeline_stage_seconds_count{{stage=\"{stage}\"}} {count}");
+                let _ = writeln!(out, "pipeline_stage_seconds_sum{{stage=\"{stage}\"}} {sum}\npipeline_stage_seconds_count{{stage=\"{stage}\"}} {count}", stage = label(stage));
             }
         }
         if let Ok(map) = self.stage_failures.lock() {
@@ -238,7 +272,9 @@ impl Metrics {
             for ((stage, kind), n) in map.iter() {
                 let _ = writeln!(
                     out,
-                    "pipeline_stage_failures_total{{stage=\"{stage}\",kind=\"{kind}\"}} {n}"
+                    "pipeline_stage_failures_total{{stage=\"{}\",kind=\"{}\"}} {n}",
+                    label(stage),
+                    label(kind)
                 );
             }
         }
@@ -247,7 +283,8 @@ impl Metrics {
             for (stage, paused) in map.iter() {
                 let _ = writeln!(
                     out,
-                    "pipeline_stage_paused{{stage=\"{stage}\"}} {}",
+                    "pipeline_stage_paused{{stage=\"{}\"}} {}",
+                    label(stage),
                     u8::from(*paused)
                 );
             }
@@ -257,7 +294,9 @@ impl Metrics {
             for ((stage, outcome), n) in map.iter() {
                 let _ = writeln!(
                     out,
-                    "pipeline_plugin_loads_total{{stage=\"{stage}\",outcome=\"{outcome}\"}} {n}"
+                    "pipeline_plugin_loads_total{{stage=\"{}\",outcome=\"{}\"}} {n}",
+                    label(stage),
+                    label(outcome)
                 );
             }
         }
@@ -268,7 +307,8 @@ impl Metrics {
             for ((stage, kind), n) in map.iter() {
                 let _ = writeln!(
                     out,
-                    "pipeline_shadow_rows_total{{stage=\"{stage}\",kind=\"{kind}\"}} {n}"
+                    "pipeline_shadow_rows_total{{stage=\"{}\",kind=\"{kind}\"}} {n}",
+                    label(stage)
                 );
             }
         }
@@ -279,7 +319,9 @@ impl Metrics {
             for ((stage, kind), n) in map.iter() {
                 let _ = writeln!(
                     out,
-                    "pipeline_shadow_failures_total{{stage=\"{stage}\",kind=\"{kind}\"}} {n}"
+                    "pipeline_shadow_failures_total{{stage=\"{}\",kind=\"{}\"}} {n}",
+                    label(stage),
+                    label(kind)
                 );
             }
         }
@@ -287,36 +329,39 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` until the process ends. A minimal
-/// HTTP/1.0 responder: enough for Prometheus and health probes, without
-/// pulling a web framework into the build.
-pub async fn serve(listener: TcpListener) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", global().render()),
-                "/healthz" => match global().health() {
-                    None => ("200 OK", "ok\n".to_owned()),
-                    Some(reasons) => ("503 Service Unavailable", format!("{reasons}\n")),
-                },
-                _ => ("404 Not Found", "try /metrics or /healthz\n".to_owned()),
-            };
-            let response = format!(
-                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
+/// A Prometheus label value: backslash, double quote and newline escaped
+/// (a stage name comes from the manifest and may hold any of them).
+pub fn label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("plain"), "plain");
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let m = Metrics::default();
+        m.stage_failure("evil\"} 1\nfake_metric{x=\"", "trap");
+        let text = m.render();
+        assert!(
+            !text.lines().any(|l| l.starts_with("fake_metric")),
+            "{text}"
+        );
+        assert!(
+            text.contains("stage=\"evil\\\"} 1\\nfake_metric{x=\\\"\""),
+            "{text}"
+        );
     }
 }

@@ -24,14 +24,17 @@ use tokio::sync::mpsc;
 
 use crate::batch::{Batch, Batcher, Origin};
 use crate::embedded::{self, EmbeddedPostgres, Tuning};
+use crate::http;
 use crate::metrics::{self, Metrics};
 use crate::pause::Breaker;
+use crate::progress::{Backfill, Progress, Unit};
 use crate::sink::{self, Commit, Sink};
 use crate::source::{OnDone, Source, SourceConfig};
 use crate::stage::chain::{Chain, Prepared, StageRejection, StageRun};
 use crate::stage::manifest::Manifest;
 use crate::stage::reload::{self, Loader};
 use crate::stage::runtime::Runtime;
+use crate::status::Status;
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -151,21 +154,22 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     }
     let chain = Chain::start(runtime.clone(), plan.clone(), &checkpoint.states)?;
 
+    let committed: HashMap<String, u64> = checkpoint
+        .positions
+        .iter()
+        .map(|(key, p)| (key.clone(), p.offset))
+        .collect();
+    let status = Arc::new(Status::new(
+        config.input.clone(),
+        committed.clone(),
+        &chain.versions(),
+    ));
     if let Some(addr) = &config.metrics_addr {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(listener) => {
-                let local = listener
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                tracing::info!(
-                    "metrics on http://{local}/metrics, health on http://{local}/healthz"
-                );
-                tokio::spawn(metrics::serve(listener));
-            }
-            Err(e) => tracing::warn!("cannot serve metrics on {addr}: {e}; continuing without"),
-        }
+        serve_http(addr, status.clone(), shutdown.clone()).await;
     }
+    let mut progress = config
+        .once
+        .then(|| BackfillProgress::new(&config.input, &committed));
 
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
     let (commit_tx, mut commit_rx) = mpsc::channel::<Commit>(1);
@@ -237,6 +241,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
         if let Some(feed) = &done_feed {
             let _ = feed.send(commit.positions.clone());
         }
+        status.committed(&commit, &done);
         totals.batches += 1;
         totals.rows_in += commit.rows_in as u64;
         totals.written += done.written;
@@ -253,10 +258,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
             written = done.written,
             "batch committed"
         );
-        if last_report.elapsed() >= Duration::from_secs(10) {
+        if let Some(progress) = &mut progress {
+            progress.committed(&commit, &totals);
+        } else if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = Instant::now();
             tracing::info!(?totals, "progress");
         }
+    }
+    if let Some(progress) = progress {
+        progress.finish();
     }
 
     shutdown.store(true, Ordering::Relaxed);
@@ -287,6 +297,82 @@ fn describe_in_flight(in_flight: &Option<(usize, usize)>) -> String {
             "the batch being committed ({read} records read, {rows} rows to write) and any read after it"
         ),
         None => "the batches still in the stages".into(),
+    }
+}
+
+/// Serves the dashboard, `/api/status`, `/metrics` and `/healthz`, and
+/// samples the status once a second until shutdown.
+async fn serve_http(addr: &str, status: Arc<Status>, shutdown: Arc<AtomicBool>) {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            let local = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(
+                "dashboard on http://{local}/ (status /api/status, metrics /metrics, health /healthz)"
+            );
+            let state = Arc::new(http::State {
+                status: Some(status.clone()),
+                metrics: metrics::global(),
+            });
+            tokio::spawn(http::serve(listener, state));
+        }
+        Err(e) => tracing::warn!("cannot serve metrics on {addr}: {e}; continuing without"),
+    }
+    // The sampler reads the input folder (the lag): a thread of its own,
+    // off the async workers.
+    let sampler = std::thread::Builder::new()
+        .name("status".into())
+        .spawn(move || {
+            while !shutdown.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                status.tick();
+            }
+        });
+    if let Err(e) = sampler {
+        tracing::warn!("cannot start the status sampler: {e}; rates and lag stay at zero");
+    }
+}
+
+/// `host run --once`: bytes of input committed out of those left at the
+/// start, with files, rows and rate beside them.
+struct BackfillProgress {
+    left: Backfill,
+    bar: Progress,
+    started: Instant,
+}
+
+impl BackfillProgress {
+    fn new(input: &std::path::Path, committed: &HashMap<String, u64>) -> BackfillProgress {
+        let left = Backfill::new(input, committed);
+        let bar = Progress::new("run --once", left.total_bytes(), Unit::Bytes);
+        BackfillProgress {
+            left,
+            bar,
+            started: Instant::now(),
+        }
+    }
+
+    fn committed(&mut self, commit: &Commit, totals: &Totals) {
+        for p in &commit.positions {
+            self.left.committed(&p.key, p.offset);
+        }
+        let seconds = self.started.elapsed().as_secs_f64().max(0.001);
+        self.bar.set(
+            self.left.done_bytes(),
+            format!(
+                "files {}/{}, rows {}, {:.0} rows/s",
+                self.left.done_files(),
+                self.left.total_files(),
+                totals.rows_in,
+                totals.rows_in as f64 / seconds
+            ),
+        );
+    }
+
+    fn finish(self) {
+        self.bar.finish();
     }
 }
 

@@ -273,6 +273,7 @@ impl Sink {
             };
             match result {
                 Ok(done) => {
+                    m.set_db_down(false);
                     m.set_problem("database", None);
                     if done.refused > 0 {
                         tracing::warn!(batch = %commit.id, refused = done.refused,
@@ -288,7 +289,9 @@ impl Sink {
                 }
                 Err(e) => {
                     m.db_errors.fetch_add(1, Ordering::Relaxed);
+                    m.set_db_down(true);
                     m.set_problem("database", Some(format!("cannot commit: {e}")));
+                    m.db_error(format!("cannot commit batch {}: {e}", commit.id));
                     uncertain = true;
                     self.conn = None;
                     let wait = backoff.next_wait();
