@@ -24,6 +24,10 @@ pub struct Position {
     pub offset: u64,
     /// Lines consumed from the start of the file.
     pub line: u64,
+    /// How many times the file has been read again from its start (it was
+    /// truncated): a committed position moves backwards only with a
+    /// higher count, never by accident (see `sink`).
+    pub reads: u32,
 }
 
 /// Where an event came from, to point a quarantined event at its source.
@@ -122,6 +126,7 @@ impl Batcher {
             Some(p) => {
                 p.offset = position.offset;
                 p.line = position.line;
+                p.reads = position.reads;
             }
             None => {
                 batch.positions.insert(position.key.clone(), position);
@@ -180,6 +185,7 @@ mod tests {
             path: key.into(),
             offset,
             line: offset,
+            reads: 0,
         }
     }
 

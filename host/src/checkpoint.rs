@@ -24,7 +24,7 @@ pub async fn load(client: &Client) -> Result<Checkpoint, tokio_postgres::Error> 
     let mut checkpoint = Checkpoint::default();
     for row in client
         .query(
-            "SELECT file_key, path, byte_offset, line FROM pipeline.positions",
+            "SELECT file_key, path, byte_offset, line, reads FROM pipeline.positions",
             &[],
         )
         .await?
@@ -33,6 +33,7 @@ pub async fn load(client: &Client) -> Result<Checkpoint, tokio_postgres::Error> 
         let path: String = row.get(1);
         let offset: i64 = row.get(2);
         let line: i64 = row.get(3);
+        let reads: i32 = row.get(4);
         checkpoint.positions.insert(
             key.clone(),
             Position {
@@ -40,6 +41,7 @@ pub async fn load(client: &Client) -> Result<Checkpoint, tokio_postgres::Error> 
                 path: Arc::from(path),
                 offset: offset as u64,
                 line: line as u64,
+                reads: reads as u32,
             },
         );
     }

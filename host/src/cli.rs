@@ -269,6 +269,23 @@ pub struct RunArgs {
     /// How long to wait for the database at start.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub connect_timeout: Duration,
+    /// After SIGTERM/SIGINT, how long to try to commit what is in flight
+    /// before exiting non-zero without it (nothing is lost: its input
+    /// positions are not committed either, so the next start reads it
+    /// again). A second Ctrl-C exits at once.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+    /// Also read the files that symbolic links in the input folder point
+    /// to. Without it links are skipped (with one log line each): anyone
+    /// who may write the folder could otherwise have the host copy any
+    /// file it can read into the quarantine.
+    #[arg(long)]
+    pub follow_symlinks: bool,
+    /// What to do with a file once all of it is committed and it has been
+    /// unchanged for 2 s: keep, delete, or move:DIR (a folder on the same
+    /// file system). Without it the folder grows and every pass lists it.
+    #[arg(long, default_value = "keep")]
+    pub on_done: crate::source::OnDone,
     /// Pause the input when one stage fails every event of this many
     /// consecutive batches (a broken stage would otherwise quarantine the
     /// whole input); a new version of the stage resumes it. 0: never pause.

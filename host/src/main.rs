@@ -50,14 +50,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 once: args.once,
                 metrics_addr: (args.metrics_addr != "off").then_some(args.metrics_addr),
                 connect_timeout: args.connect_timeout,
+                shutdown_timeout: args.shutdown_timeout,
+                follow_symlinks: args.follow_symlinks,
+                on_done: args.on_done,
             };
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let totals = runtime.block_on(pipeline::run(config))?;
             println!(
-                "done: {} batches, {} rows read, {} written, {} already present, {} malformed, {} rejected, {} failed, {} dropped by stages",
+                "done: {} batches, {} rows read, {} written, {} already present, {} malformed, {} rejected, {} failed, {} refused by the database, {} dropped by stages",
                 totals.batches, totals.rows_in, totals.written, totals.conflicting, totals.malformed,
-                totals.rejected, totals.failed, totals.dropped
+                totals.rejected, totals.failed, totals.refused, totals.dropped
             );
             Ok(())
         }

@@ -7,6 +7,7 @@
 
 use chrono::{DateTime, NaiveDateTime};
 
+use crate::sink::columns;
 use crate::stage::Event;
 
 /// The columns of an event, in the default order of a headerless file.
@@ -257,14 +258,18 @@ pub fn parse_event(record: &csv::ByteRecord, layout: &Layout) -> Result<Event, S
         .map_err(|_| format!("event_id {event_id:?} is not a UUID"))?
         .hyphenated()
         .to_string();
-    Ok(Event {
+    let event = Event {
         event_id,
         user_id: parse_int(field(1)?, "user_id")?,
         event_type: field(2)?.to_owned(),
         product_id: parse_int(field(3)?, "product_id")?,
         price_cents: parse_price_cents(field(4)?)?,
         event_time: parse_time_micros(field(5)?)?,
-    })
+    };
+    // A value the table cannot hold is the file's fault, whatever the
+    // stages would do with it: say so here, with the column and value.
+    columns::check(&event).map_err(|v| v.to_string())?;
+    Ok(event)
 }
 
 fn parse_int(text: &str, column: &str) -> Result<i32, String> {
@@ -347,6 +352,39 @@ mod tests {
         assert_eq!(event.price_cents, 9999);
         assert_eq!(event.user_id, 1);
         assert_eq!(rows[0].lines, 2);
+    }
+
+    #[test]
+    fn values_the_table_cannot_hold_are_malformed_with_column_and_value() {
+        let long = "x".repeat(25);
+        let text = format!(
+            "{ID},1,{long},2,3.00,2026-01-05T00:00:00Z\n{ID},1,view,2,100000000.00,2026-01-05T00:00:00Z\n{ID},1,vi\0ew,2,3.00,2026-01-05T00:00:00Z\n{ID},1,{},2,3.00,2026-01-05T00:00:00Z\n",
+            "é".repeat(20)
+        );
+        let mut parser = FileParser::resume(None);
+        let mut out = Vec::new();
+        parser.parse(text.as_bytes(), 1, true, |p| out.push(p));
+        let reasons: Vec<String> = out
+            .iter()
+            .map(|p| {
+                p.result
+                    .as_ref()
+                    .err()
+                    .map(|b| b.reason.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        assert!(
+            reasons[0].starts_with(&format!("event_type \"{long}\" has 25 characters")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[1].starts_with("price 10000000000 cents"),
+            "{reasons:?}"
+        );
+        assert!(reasons[2].contains("NUL"), "{reasons:?}");
+        // 20 characters of 2 bytes each fit VARCHAR(20).
+        assert!(out[3].result.is_ok(), "{reasons:?}");
     }
 
     #[test]

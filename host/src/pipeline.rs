@@ -7,7 +7,11 @@
 //! The channels hold one item each: parse, stages and database overlap
 //! in time, and a slow database stops the source instead of filling
 //! memory. Shutdown (SIGINT/SIGTERM, or the end of `--once`) closes the
-//! source; what it has read flows through and is committed before exit.
+//! source; what it has read flows through and is committed before exit,
+//! if it can be within `--shutdown-timeout` after the signal: else the
+//! host exits with an error saying what it left uncommitted (its input
+//! positions were not committed either: the next start reads it again).
+//! A second signal exits at once.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -25,7 +29,7 @@ use crate::metrics::{self, Metrics};
 use crate::pause::Breaker;
 use crate::progress::{Backfill, Progress, Unit};
 use crate::sink::{self, Commit, Sink};
-use crate::source::{Source, SourceConfig};
+use crate::source::{OnDone, Source, SourceConfig};
 use crate::stage::chain::{Chain, Prepared, StageRejection, StageRun};
 use crate::stage::manifest::Manifest;
 use crate::stage::reload::{self, Loader};
@@ -45,6 +49,13 @@ pub struct RunConfig {
     pub once: bool,
     pub metrics_addr: Option<String>,
     pub connect_timeout: Duration,
+    /// After a shutdown signal, how long the batches in flight may take
+    /// to commit before the host exits without them.
+    pub shutdown_timeout: Duration,
+    /// Read what symbolic links in the input folder point to.
+    pub follow_symlinks: bool,
+    /// What becomes of files fully committed.
+    pub on_done: OnDone,
     /// Consecutive wholly failed batches of one stage that pause the
     /// input (0: never); see `pause`.
     pub pause_after: u32,
@@ -61,6 +72,8 @@ pub struct Totals {
     pub rejected: u64,
     pub failed: u64,
     pub dropped: u64,
+    /// Rows the database refused (quarantined as `refused`).
+    pub refused: u64,
 }
 
 /// The database the run writes to, and the embedded server if it owns one.
@@ -109,7 +122,16 @@ async fn database(config: &RunConfig) -> anyhow::Result<Database> {
 
 pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     let shutdown = Arc::new(AtomicBool::new(false));
-    spawn_signal_handler(shutdown.clone());
+    let signalled = spawn_signal_handler(shutdown.clone());
+    // Resolves `shutdown_timeout` after the first signal; never without one.
+    let shutdown_timeout = config.shutdown_timeout;
+    let deadline = async move {
+        if signalled.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(shutdown_timeout).await;
+    };
+    tokio::pin!(deadline);
 
     // The state folder holds the cluster and the compile cache: the
     // operator's alone (docs/security.md).
@@ -201,11 +223,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
         .once
         .then(|| BackfillProgress::new(&config.input, &committed));
 
-    let source = Source::new(
-        SourceConfig::new(config.input.clone(), config.once),
-        checkpoint.positions,
-        shutdown.clone(),
-    );
+    let mut source_config = SourceConfig::new(config.input.clone(), config.once);
+    source_config.follow_symlinks = config.follow_symlinks;
+    source_config.on_done = config.on_done.clone();
+    let mut source = Source::new(source_config, checkpoint.positions, shutdown.clone());
+    // With --on-done the source learns which positions are committed.
+    let done_feed = if config.on_done != OnDone::Keep {
+        let (tx, rx) = std::sync::mpsc::channel();
+        source.committed_feed(rx);
+        Some(tx)
+    } else {
+        None
+    };
     let batcher = Batcher::new(config.batch_size, config.batch_interval);
     let source_thread = std::thread::Builder::new()
         .name("source".into())
@@ -225,9 +254,32 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     let mut totals = Totals::default();
     let mut last_report = Instant::now();
     let m = metrics::global();
-    while let Some(commit) = commit_rx.recv().await {
-        let done = sink.commit(&commit).await?;
+    // Between batches the sink replaces a connection found dead, so that
+    // an idle host's /healthz tells how its database is.
+    let mut check = tokio::time::interval(Duration::from_secs(5));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let commit = tokio::select! {
+            commit = commit_rx.recv() => commit,
+            _ = check.tick() => {
+                sink.check_connection().await;
+                continue;
+            }
+            () = &mut deadline => return Err(ShutdownTimedOut { timeout: shutdown_timeout, in_flight: None }.into()),
+        };
+        let Some(commit) = commit else { break };
+        let done = tokio::select! {
+            done = sink.commit(&commit) => done?,
+            () = &mut deadline => return Err(ShutdownTimedOut {
+                timeout: shutdown_timeout,
+                in_flight: Some((commit.rows_in, commit.events.len())),
+            }
+            .into()),
+        };
         sink::record(m, &commit, &done);
+        if let Some(feed) = &done_feed {
+            let _ = feed.send(commit.positions.clone());
+        }
         status.committed(&commit, &done);
         totals.batches += 1;
         totals.rows_in += commit.rows_in as u64;
@@ -238,6 +290,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
         totals.failed += failed;
         totals.rejected += commit.rejections.len() as u64 - failed;
         totals.dropped += commit.dropped as u64;
+        totals.refused += done.refused;
         tracing::debug!(
             batch = done.batch_id,
             rows = commit.rows_in,
@@ -265,6 +318,25 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
         Err(_) => anyhow::bail!("the stage thread panicked"),
     }
     Ok(totals)
+}
+
+/// The batches in flight could not be committed within the shutdown
+/// timeout (the database is down, or refuses them).
+#[derive(Debug, thiserror::Error)]
+#[error("shutdown: not committed within {timeout:?} of the signal: {}; nothing is lost: their input positions were not committed either, so the next start reads them again", describe_in_flight(.in_flight))]
+pub struct ShutdownTimedOut {
+    pub timeout: Duration,
+    /// Rows read into, and rows to write of, the batch being committed.
+    pub in_flight: Option<(usize, usize)>,
+}
+
+fn describe_in_flight(in_flight: &Option<(usize, usize)>) -> String {
+    match in_flight {
+        Some((read, rows)) => format!(
+            "the batch being committed ({read} records read, {rows} rows to write) and any read after it"
+        ),
+        None => "the batches still in the stages".into(),
+    }
 }
 
 /// Serves the dashboard, `/api/status`, `/metrics` and `/healthz`, and
@@ -564,6 +636,12 @@ fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -
         .events
         .len()
         .saturating_sub(out.events.len() + rejections.len());
+    let origins = batch
+        .events
+        .into_iter()
+        .map(|e| e.event_id)
+        .zip(batch.origins)
+        .collect();
     let snapshots = chain.snapshots(with_snapshots);
     Commit {
         id: batch.id,
@@ -573,6 +651,7 @@ fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -
         events: out.events,
         malformed: batch.malformed,
         rejections,
+        origins,
         dropped,
         positions: batch.positions.into_values().collect(),
         stages: out.runs,
@@ -595,7 +674,11 @@ fn record(m: &Metrics, c: &Commit) {
     Metrics::add(&m.rows_dropped, c.dropped);
 }
 
-fn spawn_signal_handler(shutdown: Arc<AtomicBool>) {
+/// Sets `shutdown` on the first SIGINT/SIGTERM and reports it on the
+/// returned channel; a second one exits the process at once (the
+/// positions of what was not committed were not committed either).
+fn spawn_signal_handler(shutdown: Arc<AtomicBool>) -> tokio::sync::oneshot::Receiver<()> {
+    let (signalled, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -609,7 +692,17 @@ fn spawn_signal_handler(shutdown: Arc<AtomicBool>) {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        tracing::info!("shutting down: finishing the batch in flight");
+        tracing::info!(
+            "shutting down: committing what is in flight (a second Ctrl-C exits at once)"
+        );
         shutdown.store(true, Ordering::Relaxed);
+        let _ = signalled.send(());
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("second signal: exiting at once; what was not committed is read again at the next start");
+        std::process::exit(130);
     });
+    rx
 }

@@ -885,6 +885,7 @@ mod tests {
                 path: "a.csv".into(),
                 offset: 100,
                 line: 11,
+                reads: 0,
             }],
             stages: vec![StageRun {
                 stage: version,
@@ -902,6 +903,7 @@ mod tests {
                 batch_id: 1,
                 written: 9,
                 conflicting: 0,
+                refused: 0,
             },
         );
         let doc = status.document(&crate::metrics::Metrics::default());

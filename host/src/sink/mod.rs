@@ -12,24 +12,30 @@
 //! batches take the staging path directly: conflicts come in runs (a
 //! replay), and a failed COPY wastes the work it did.
 //!
-//! When the database is unreachable the sink keeps the batch, retries
-//! with capped exponential backoff and jitter, and reports itself
-//! unhealthy; upstream stops at the bounded channels meanwhile. When a
-//! connection breaks during COMMIT, the batch's unique id tells whether
-//! the commit went through.
+//! What happens on an error depends on what it means (`fault`). When the
+//! database is unreachable the sink keeps the batch, retries with capped
+//! exponential backoff and jitter, and reports itself unhealthy with the
+//! database's own message; upstream stops at the bounded channels
+//! meanwhile. When a connection breaks during COMMIT, the batch's unique
+//! id tells whether the commit went through. When the database refuses a
+//! value of the batch, the sink bisects it inside one transaction (a
+//! savepoint per part), quarantines the rows it refuses with the SQLSTATE
+//! and message, and commits the rest with the batch's positions.
 
+pub mod columns;
 pub mod copy;
+pub mod fault;
 pub mod plugin_records;
 pub mod schema;
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
 use rand::RngExt;
 use serde_json::json;
-use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, NoTls, Statement, Transaction};
 
 use crate::batch::{Malformed, Origin, Position};
 use crate::checkpoint::{self, Checkpoint};
@@ -38,20 +44,45 @@ use crate::stage::chain::{StageRejection, StageRun, StageSnapshot};
 use crate::stage::events::PluginEvent;
 use crate::stage::shadow::ShadowDiff;
 use crate::stage::Event;
+use fault::{describe, Fault};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
-    #[error("cannot connect to PostgreSQL at {url}: {source}")]
+    #[error("cannot connect to PostgreSQL at {url}: {}", describe(.source))]
     Connect {
         url: String,
         source: tokio_postgres::Error,
     },
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", describe(.0))]
     Db(#[from] tokio_postgres::Error),
+    #[error("the commit did not finish within {0:?} (a dead connection or a blocked table): reconnecting")]
+    Timeout(Duration),
     #[error("another host holds this database's pipeline lock (pg_advisory_lock {0}); stop it first or use another database")]
     Locked(i64),
     #[error("shutting down before the batch could be committed")]
     Shutdown,
+    #[error("another host took this database over since this one started (its generation {mine}, the database's now {now}): what this host read before may be committed already. It stops here; start it again to resume from what is committed")]
+    Fenced { mine: i64, now: i64 },
+    #[error("the batch would move {count} committed file position(s) backwards (the database is ahead of this host's view of its input): nothing is committed; start the host again to resume from what is committed")]
+    Backwards { count: usize },
+}
+
+impl SinkError {
+    /// What the error means for the batch (see `fault`).
+    pub fn fault(&self) -> Fault {
+        match self {
+            SinkError::Db(e) | SinkError::Connect { source: e, .. } => Fault::of(e),
+            SinkError::Timeout(_) | SinkError::Locked(_) => Fault::Transient,
+            SinkError::Shutdown | SinkError::Fenced { .. } | SinkError::Backwards { .. } => {
+                Fault::Persistent
+            }
+        }
+    }
+
+    /// Whether retrying can never help: this host's view is stale.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SinkError::Fenced { .. } | SinkError::Backwards { .. })
+    }
 }
 
 /// Everything one batch commits.
@@ -66,6 +97,9 @@ pub struct Commit {
     pub malformed: Vec<Malformed>,
     /// Stage rejections and failures, with where the event came from.
     pub rejections: Vec<(StageRejection, Option<Origin>)>,
+    /// Where each event read into the batch came from, by event id: for
+    /// the rows the database refuses (looked up only then).
+    pub origins: Vec<(String, Origin)>,
     pub dropped: usize,
     pub positions: Vec<Position>,
     pub stages: Vec<StageRun>,
@@ -82,6 +116,8 @@ pub struct Committed {
     pub batch_id: i64,
     pub written: u64,
     pub conflicting: u64,
+    /// Rows the database refused, quarantined as `refused`.
+    pub refused: u64,
 }
 
 pub struct Sink {
@@ -91,6 +127,14 @@ pub struct Sink {
     conn: Option<(Client, Statements)>,
     /// Batches still to send through staging after the last conflict.
     staging_for: u32,
+    /// Taken with the lock at the first connection: every commit checks
+    /// that the database's is still this one (see `schema`, migration 2).
+    generation: Option<i64>,
+    /// The server session of the last connection (pid, start time): a
+    /// connection given up as dead may live on in the server, holding the
+    /// lock and the rows of its open transaction, for as long as the
+    /// server's own keepalive takes. The next connection ends it.
+    session: Option<(i32, String)>,
 }
 
 /// How many batches go through staging after a conflict on the fast path.
@@ -104,6 +148,8 @@ impl Sink {
             url: url.to_owned(),
             conn: None,
             staging_for: 0,
+            generation: None,
+            session: None,
         };
         let deadline = Instant::now() + patience;
         let mut backoff = Backoff::default();
@@ -125,25 +171,37 @@ impl Sink {
 
     async fn reconnect(&mut self) -> Result<(), SinkError> {
         self.conn = None;
-        let (client, connection) =
-            tokio_postgres::connect(&self.url, NoTls)
-                .await
-                .map_err(|source| SinkError::Connect {
-                    url: redact(&self.url),
-                    source,
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("database connection closed: {e}");
+        let connect_error = |source| SinkError::Connect {
+            url: redact(&self.url),
+            source,
+        };
+        let config = connection_config(&self.url).map_err(connect_error)?;
+        let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+        tokio::spawn(drive(connection));
+        if let Some((pid, started)) = self.session.take() {
+            let ended: Option<bool> = client
+                .query_opt(
+                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE pid = $1 AND backend_start::text = $2",
+                    &[&pid, &started],
+                )
+                .await?
+                .map(|r| r.get(0));
+            if ended == Some(true) {
+                tracing::warn!(
+                    pid,
+                    "ended this host's previous database session, which the server still kept"
+                );
             }
-        });
-        client
-            .batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock(1); {}; {} COMMIT;",
-                schema::EVENTS_TABLE,
-                schema::PIPELINE_SCHEMA
-            ))
+        }
+        let row = client
+            .query_one(
+                "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                &[],
+            )
             .await?;
+        self.session = Some((row.get(0), row.get(1)));
+        let mut client = client;
+        schema::migrate(&mut client).await?;
         client.batch_execute(schema::STAGING_TABLE).await?;
         let locked: bool = client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&schema::HOST_LOCK])
@@ -152,9 +210,44 @@ impl Sink {
         if !locked {
             return Err(SinkError::Locked(schema::HOST_LOCK));
         }
+        if self.generation.is_none() {
+            // Only at start, before the checkpoint is read: a reconnect
+            // keeps the generation, so that a host that lost the lock to
+            // another one meanwhile finds its generation stale.
+            let generation: i64 = client
+                .query_one(
+                    "UPDATE pipeline.lease SET generation = generation + 1, taken_at = now() RETURNING generation",
+                    &[],
+                )
+                .await?
+                .get(0);
+            tracing::debug!(generation, "pipeline lock taken");
+            self.generation = Some(generation);
+        }
         let statements = Statements::prepare(&client).await?;
         self.conn = Some((client, statements));
         Ok(())
+    }
+
+    /// Between batches: replaces a connection that is gone, reporting on
+    /// `/healthz` whether the database can be reached.
+    pub async fn check_connection(&mut self) {
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|(client, _)| !client.is_closed())
+        {
+            return;
+        }
+        let m = metrics::global();
+        match tokio::time::timeout(COMMIT_TIMEOUT, self.reconnect()).await {
+            Ok(Ok(())) => m.set_problem("database", None),
+            Ok(Err(e)) => m.set_problem("database", Some(format!("cannot reconnect: {e}"))),
+            Err(_) => m.set_problem(
+                "database",
+                Some(format!("cannot reconnect within {COMMIT_TIMEOUT:?}")),
+            ),
+        }
     }
 
     pub async fn checkpoint(&self) -> Result<Checkpoint, SinkError> {
@@ -164,67 +257,157 @@ impl Sink {
 
     /// Commits a batch, retrying through outages until it is committed:
     /// the batch is never dropped (its input is not committed either, so a
-    /// host killed meanwhile reads it again).
+    /// host killed meanwhile reads it again). Rows the database refuses
+    /// are quarantined and the rest committed.
     pub async fn commit(&mut self, commit: &Commit) -> Result<Committed, SinkError> {
         let m = metrics::global();
         let mut backoff = Backoff::default();
         let mut uncertain = false;
+        let mut bisect = false;
         loop {
-            let attempt = async {
-                if self.conn.is_none() {
-                    self.reconnect().await?;
-                }
-                let (client, st) = self.conn.as_mut().ok_or(SinkError::Shutdown)?;
-                if uncertain {
-                    // The last attempt died around COMMIT: did it land?
-                    if let Some(row) = client
-                        .query_opt(
-                            "SELECT batch_id, rows_written, rows_conflicting FROM pipeline.batches WHERE batch_uuid = $1",
-                            &[&commit.id],
-                        )
-                        .await?
-                    {
-                        let written: i32 = row.get(1);
-                        let conflicting: i32 = row.get(2);
-                        return Ok(Committed {
-                            batch_id: row.get(0),
-                            written: written as u64,
-                            conflicting: conflicting as u64,
-                        });
-                    }
-                }
-                if self.staging_for > 0 {
-                    self.staging_for -= 1;
-                    return write(client, st, commit, Path::Staging).await;
-                }
-                match write(client, st, commit, Path::Direct).await {
-                    Err(SinkError::Db(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                        tracing::debug!(batch = %commit.id, "batch holds rows the table has; writing it through staging");
-                        self.staging_for = STAGING_AFTER_CONFLICT;
-                        write(client, st, commit, Path::Staging).await
-                    }
-                    other => other,
-                }
+            let attempt =
+                tokio::time::timeout(COMMIT_TIMEOUT, self.attempt(commit, uncertain, bisect));
+            let result = match attempt.await {
+                Ok(result) => result,
+                Err(_) => Err(SinkError::Timeout(COMMIT_TIMEOUT)),
             };
-            match attempt.await {
+            match result {
                 Ok(done) => {
                     m.set_db_down(false);
+                    m.set_problem("database", None);
+                    if done.refused > 0 {
+                        tracing::warn!(batch = %commit.id, refused = done.refused,
+                            "PostgreSQL refused rows of the batch: quarantined as `refused` with its reason, the rest committed");
+                    }
                     return Ok(done);
+                }
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) if e.fault() == Fault::Data && !bisect => {
+                    // The transaction was rolled back; the connection is fine.
+                    tracing::warn!(batch = %commit.id, "{e}; finding the rows it refuses, to quarantine them and commit the rest");
+                    bisect = true;
                 }
                 Err(e) => {
                     m.db_errors.fetch_add(1, Ordering::Relaxed);
                     m.set_db_down(true);
+                    m.set_problem("database", Some(format!("cannot commit: {e}")));
                     m.db_error(format!("cannot commit batch {}: {e}", commit.id));
                     uncertain = true;
                     self.conn = None;
                     let wait = backoff.next_wait();
-                    tracing::warn!(batch = %commit.id, "cannot commit batch: {e}; retrying in {wait:?}");
+                    if e.fault() == Fault::Transient {
+                        tracing::warn!(batch = %commit.id, "cannot commit batch: {e}; retrying in {wait:?}");
+                    } else {
+                        tracing::error!(batch = %commit.id, "cannot commit batch: {e}; this needs the database fixed (schema, permissions); retrying in {wait:?}");
+                    }
                     tokio::time::sleep(wait).await;
                 }
             }
         }
     }
+
+    /// One attempt at a batch: after an attempt that may have died around
+    /// COMMIT (`uncertain`), first asks whether it landed.
+    async fn attempt(
+        &mut self,
+        commit: &Commit,
+        uncertain: bool,
+        bisect: bool,
+    ) -> Result<Committed, SinkError> {
+        if self
+            .conn
+            .as_ref()
+            .is_none_or(|(client, _)| client.is_closed())
+        {
+            self.reconnect().await?;
+        }
+        let generation = self.generation.ok_or(SinkError::Shutdown)?;
+        let (client, st) = self.conn.as_mut().ok_or(SinkError::Shutdown)?;
+        if uncertain {
+            if let Some(row) = client
+                .query_opt(
+                    "SELECT batch_id, rows_written, rows_conflicting FROM pipeline.batches WHERE batch_uuid = $1",
+                    &[&commit.id],
+                )
+                .await?
+            {
+                let written: i32 = row.get(1);
+                let conflicting: i32 = row.get(2);
+                return Ok(Committed {
+                    batch_id: row.get(0),
+                    written: written as u64,
+                    conflicting: conflicting as u64,
+                    refused: 0,
+                });
+            }
+        }
+        if bisect {
+            return write(client, st, commit, generation, Path::Bisect).await;
+        }
+        if self.staging_for > 0 {
+            self.staging_for -= 1;
+            return write(client, st, commit, generation, Path::Staging).await;
+        }
+        match write(client, st, commit, generation, Path::Direct).await {
+            Err(SinkError::Db(e)) if fault::is_unique_violation(&e) => {
+                tracing::debug!(batch = %commit.id, "batch holds rows the table has; writing it through staging");
+                self.staging_for = STAGING_AFTER_CONFLICT;
+                write(client, st, commit, generation, Path::Staging).await
+            }
+            other => other,
+        }
+    }
 }
+
+/// The connection settings of `url`, with what finds a dead connection
+/// within half a minute: TCP keepalives on an idle connection (probes
+/// from 10 s of silence, 3 of them 5 s apart) and a TCP user timeout for
+/// data sent and never acknowledged (a powered-off server, a NAT that
+/// forgot the flow); without them the kernel waits 15 min to 2 h.
+fn connection_config(url: &str) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(20));
+    Ok(config)
+}
+
+/// Drives a connection until it ends. Notices (`relation ... already
+/// exists, skipping`) go to DEBUG: `tokio_postgres` would log each at INFO.
+/// A connection that breaks marks the database unhealthy at once, so
+/// `/healthz` says so before the next commit finds out.
+async fn drive<S, T>(mut connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+        match message {
+            Ok(tokio_postgres::AsyncMessage::Notice(notice)) => {
+                tracing::debug!("PostgreSQL {}: {}", notice.severity(), notice.message());
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let e = describe(&e);
+                tracing::warn!("database connection lost: {e}");
+                metrics::global().set_problem("database", Some(format!("connection lost: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+/// Longest a commit attempt may take before its connection is given up:
+/// a batch commits in well under a second, and a half-open connection
+/// would otherwise hang it for as long as the kernel keeps retrying.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The statements of every batch, prepared once per connection: a
 /// statement sent as text is parsed and described in a round trip of its
@@ -260,9 +443,11 @@ impl Statements {
                 .await?,
             batch: client
                 .prepare(
+                    // No row when the generation is not this host's: fenced.
                     "INSERT INTO pipeline.batches (batch_uuid, files, rows_in, rows_written, rows_conflicting,
                          rows_malformed, rows_rejected, rows_failed, rows_dropped, stages, latency_ms, read_ms, write_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING batch_id",
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
+                     FROM pipeline.lease WHERE generation = $14 RETURNING batch_id",
                 )
                 .await?,
             quarantine: client
@@ -273,10 +458,15 @@ impl Statements {
                 .await?,
             positions: client
                 .prepare(
-                    "INSERT INTO pipeline.positions (file_key, path, byte_offset, line, batch_id)
-                     SELECT k, p, o, l, $5 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) AS u(k, p, o, l)
+                    // A position moves backwards only with a higher re-read
+                    // count: a row the WHERE skips is not counted.
+                    "INSERT INTO pipeline.positions (file_key, path, byte_offset, line, reads, batch_id)
+                     SELECT k, p, o, l, r, $6
+                     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[]) AS u(k, p, o, l, r)
                      ON CONFLICT (file_key) DO UPDATE SET path = excluded.path, byte_offset = excluded.byte_offset,
-                         line = excluded.line, batch_id = excluded.batch_id, updated_at = now()",
+                         line = excluded.line, reads = excluded.reads, batch_id = excluded.batch_id, updated_at = now()
+                     WHERE (excluded.reads, excluded.byte_offset)
+                         >= (pipeline.positions.reads, pipeline.positions.byte_offset)",
                 )
                 .await?,
             state: client
@@ -298,6 +488,70 @@ enum Path {
     Direct,
     /// COPY into staging, then INSERT .. ON CONFLICT DO NOTHING.
     Staging,
+    /// As `Staging`, part by part under savepoints, halving a part the
+    /// database refuses until the rows it refuses are found.
+    Bisect,
+}
+
+/// What the rows of a batch came to.
+#[derive(Debug, Default)]
+struct Rows {
+    written: u64,
+    conflicting: u64,
+    /// Index into the batch's events, and the database's reason.
+    refused: Vec<(usize, String)>,
+}
+
+/// COPY into staging, then into the table skipping the ids it has.
+async fn through_staging(
+    tx: &Transaction<'_>,
+    st: &Statements,
+    events: &[Event],
+) -> Result<u64, tokio_postgres::Error> {
+    let sink = tx.copy_in(&st.copy_staging).await?;
+    futures_util::pin_mut!(sink);
+    sink.send(copy::encode_staging(events)).await?;
+    sink.finish().await?;
+    tx.execute(&st.from_staging, &[]).await
+}
+
+/// Writes the rows a part at a time, each under a savepoint: a part the
+/// database refuses for its data is rolled back and halved, down to the
+/// single rows it refuses. Any other error ends the attempt.
+async fn bisect_rows(
+    tx: &mut Transaction<'_>,
+    st: &Statements,
+    events: &[Event],
+) -> Result<Rows, tokio_postgres::Error> {
+    let mut rows = Rows::default();
+    // A stack of parts still to write, as (start, end) of the batch's events.
+    let mut parts: Vec<(usize, usize)> = vec![(0, events.len())];
+    while let Some((start, end)) = parts.pop() {
+        let part = &events[start..end];
+        let sp = tx.savepoint("part").await?;
+        match through_staging(&sp, st, part).await {
+            Ok(written) => {
+                // Staging is emptied only at COMMIT: empty it for the next part.
+                sp.batch_execute("TRUNCATE staging").await?;
+                sp.commit().await?;
+                rows.written += written;
+                rows.conflicting += part.len() as u64 - written;
+            }
+            Err(e) if Fault::of(&e) == Fault::Data => {
+                sp.rollback().await?;
+                if part.len() == 1 {
+                    rows.refused.push((start, describe(&e)));
+                } else {
+                    let mid = start + part.len() / 2;
+                    parts.push((mid, end));
+                    parts.push((start, mid));
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    rows.refused.sort_by_key(|(i, _)| *i);
+    Ok(rows)
 }
 
 /// One attempt: the whole batch in one transaction.
@@ -305,27 +559,38 @@ async fn write(
     client: &mut Client,
     st: &Statements,
     c: &Commit,
+    generation: i64,
     path: Path,
 ) -> Result<Committed, SinkError> {
     let started = Instant::now();
-    let tx = client.transaction().await?;
+    let mut tx = client.transaction().await?;
 
-    let (written, conflicting) = if c.events.is_empty() {
-        (0, 0)
-    } else if path == Path::Direct {
-        let sink = tx.copy_in(&st.copy_direct).await?;
-        futures_util::pin_mut!(sink);
-        sink.send(copy::encode_events(&c.events)).await?;
-        let written = sink.finish().await?;
-        (written, 0)
+    let rows = if c.events.is_empty() {
+        Rows::default()
     } else {
-        let sink = tx.copy_in(&st.copy_staging).await?;
-        futures_util::pin_mut!(sink);
-        sink.send(copy::encode_staging(&c.events)).await?;
-        sink.finish().await?;
-        let written = tx.execute(&st.from_staging, &[]).await?;
-        (written, c.events.len() as u64 - written)
+        match path {
+            Path::Direct => {
+                let sink = tx.copy_in(&st.copy_direct).await?;
+                futures_util::pin_mut!(sink);
+                sink.send(copy::encode_events(&c.events)).await?;
+                let written = sink.finish().await?;
+                Rows {
+                    written,
+                    ..Rows::default()
+                }
+            }
+            Path::Staging => {
+                let written = through_staging(&tx, st, &c.events).await?;
+                Rows {
+                    written,
+                    conflicting: c.events.len() as u64 - written,
+                    ..Rows::default()
+                }
+            }
+            Path::Bisect => bisect_rows(&mut tx, st, &c.events).await?,
+        }
     };
+    let (written, conflicting) = (rows.written, rows.conflicting);
 
     let stages = json!(c
         .stages
@@ -338,15 +603,17 @@ async fn write(
         .collect::<Vec<_>>());
     let files: Vec<&str> = c.positions.iter().map(|p| &*p.path).collect();
     let rejected = c.rejections.iter().filter(|(r, _)| !r.failure).count() as i32;
-    let failed = c.rejections.len() as i32 - rejected;
+    // Rows the database refused count as failed: the batch record's counts
+    // still add up to rows_in.
+    let failed = c.rejections.len() as i32 - rejected + rows.refused.len() as i32;
     let latency_ms = c
         .opened
         .map(|t| t.elapsed().as_secs_f64() * 1000.0)
         .unwrap_or(0.0);
     let read_ms = c.read_time.as_secs_f64() * 1000.0;
     let write_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let batch_id: i64 = tx
-        .query_one(
+    let batch_id: i64 = match tx
+        .query_opt(
             &st.batch,
             &[
                 &c.id,
@@ -362,12 +629,25 @@ async fn write(
                 &latency_ms,
                 &read_ms,
                 &write_ms,
+                &generation,
             ],
         )
         .await?
-        .get(0);
+    {
+        Some(row) => row.get(0),
+        None => {
+            let now: i64 = tx
+                .query_one("SELECT generation FROM pipeline.lease", &[])
+                .await?
+                .get(0);
+            return Err(SinkError::Fenced {
+                mine: generation,
+                now,
+            });
+        }
+    };
 
-    if !c.malformed.is_empty() || !c.rejections.is_empty() {
+    if !c.malformed.is_empty() || !c.rejections.is_empty() || !rows.refused.is_empty() {
         let mut q = Quarantine::default();
         for m in &c.malformed {
             q.push(
@@ -391,6 +671,23 @@ async fn write(
                 Some(&r.event.event_id),
             );
         }
+        if !rows.refused.is_empty() {
+            let origins: HashMap<&str, &Origin> =
+                c.origins.iter().map(|(id, o)| (id.as_str(), o)).collect();
+            for (i, reason) in &rows.refused {
+                let e = &c.events[*i];
+                let origin = origins.get(e.event_id.as_str());
+                q.push(
+                    "refused",
+                    origin.map(|o| &*o.file),
+                    origin.map(|o| o.line),
+                    Some(event_csv(e)),
+                    &format!("PostgreSQL refused the row: {reason}"),
+                    None,
+                    Some(&e.event_id),
+                );
+            }
+        }
         tx.execute(
             &st.quarantine,
             &[
@@ -411,8 +708,18 @@ async fn write(
         let keys: Vec<&str> = c.positions.iter().map(|p| p.key.as_str()).collect();
         let offsets: Vec<i64> = c.positions.iter().map(|p| p.offset as i64).collect();
         let lines: Vec<i64> = c.positions.iter().map(|p| p.line as i64).collect();
-        tx.execute(&st.positions, &[&keys, &files, &offsets, &lines, &batch_id])
+        let reads: Vec<i32> = c.positions.iter().map(|p| p.reads as i32).collect();
+        let moved = tx
+            .execute(
+                &st.positions,
+                &[&keys, &files, &offsets, &lines, &reads, &batch_id],
+            )
             .await?;
+        if (moved as usize) < keys.len() {
+            return Err(SinkError::Backwards {
+                count: keys.len() - moved as usize,
+            });
+        }
     }
 
     for s in &c.snapshots {
@@ -436,6 +743,7 @@ async fn write(
         batch_id,
         written,
         conflicting,
+        refused: rows.refused.len() as u64,
     })
 }
 
@@ -533,6 +841,7 @@ impl Backoff {
 pub fn record(m: &Metrics, c: &Commit, done: &Committed) {
     Metrics::add(&m.rows_written, done.written as usize);
     Metrics::add(&m.rows_conflicting, done.conflicting as usize);
+    Metrics::add(&m.rows_failed, done.refused as usize);
     if let Some(opened) = c.opened {
         m.batch_committed(opened.elapsed());
     }

@@ -1,5 +1,12 @@
 //! The tables: the seed's `ecommerce_events`, exactly, and the host's own
-//! bookkeeping in schema `pipeline`. Created when absent.
+//! bookkeeping in schema `pipeline`.
+//!
+//! They are created and changed by numbered migrations, run once per
+//! database: `pipeline.schema_version` holds the last one applied. A
+//! connection only reads that row; DDL (which takes ACCESS EXCLUSIVE
+//! locks a long dashboard query would block) runs only when the host is
+//! newer than the database, under a transaction-scoped advisory lock so
+//! two hosts starting together apply it once.
 
 /// The events table, as the replaced pipeline defined it.
 pub const EVENTS_TABLE: &str = "
@@ -130,3 +137,91 @@ CREATE TEMP TABLE IF NOT EXISTS staging (
 /// Advisory lock key held by the running host, so two hosts never write
 /// the same database's positions at once.
 pub const HOST_LOCK: i64 = 0x6563_6f6d_6d65_7263; // "ecommerc"
+
+/// The migrations, in order: `MIGRATIONS[i]` (its scripts run in turn)
+/// brings a database from version `i` to `i + 1`. Each is safe on a
+/// database that already has some of it (a table made by the seed's
+/// setup script, or by a host that predates the version row): `IF NOT
+/// EXISTS` everywhere.
+pub const MIGRATIONS: &[&[&str]] = &[
+    // 1: the tables as the first releases made them.
+    &[EVENTS_TABLE, PIPELINE_SCHEMA],
+    // 2: fencing (a generation per host start) and re-read counts.
+    &[MIGRATION_2],
+];
+
+const MIGRATION_2: &str = "
+-- One row: bumped by each host that takes the pipeline lock at start, and
+-- checked by every commit, so a host that lost its session while another
+-- one ran cannot commit what it read before.
+CREATE TABLE IF NOT EXISTS pipeline.lease (
+    id         INT PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    generation BIGINT NOT NULL,
+    taken_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+INSERT INTO pipeline.lease (id, generation) VALUES (1, 0) ON CONFLICT DO NOTHING;
+-- Times a file was read again from its start (truncated): a position
+-- moves backwards only with a higher count.
+ALTER TABLE pipeline.positions ADD COLUMN IF NOT EXISTS reads INT NOT NULL DEFAULT 0;
+";
+
+/// The version this host's code expects.
+pub fn version() -> i32 {
+    MIGRATIONS.len() as i32
+}
+
+/// The database's schema version: 0 when it has none (a fresh database,
+/// or one made before versions were recorded).
+pub async fn current(client: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
+    use tokio_postgres::error::SqlState;
+    match client
+        .query_opt("SELECT version FROM pipeline.schema_version", &[])
+        .await
+    {
+        Ok(row) => Ok(row.map(|r| r.get(0)).unwrap_or(0)),
+        Err(e)
+            if e.code() == Some(&SqlState::UNDEFINED_TABLE)
+                || e.code() == Some(&SqlState::INVALID_SCHEMA_NAME) =>
+        {
+            Ok(0)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Brings the database to `version()`, if it is behind; returns the
+/// version it was at. One transaction, under an advisory lock.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
+    let found = current(client).await?;
+    if found >= version() {
+        return Ok(found);
+    }
+    let tx = client.transaction().await?;
+    tx.batch_execute(
+        "SELECT pg_advisory_xact_lock(1);
+         CREATE SCHEMA IF NOT EXISTS pipeline;
+         CREATE TABLE IF NOT EXISTS pipeline.schema_version (version INT NOT NULL);",
+    )
+    .await?;
+    // Another host may have migrated while this one waited for the lock.
+    let at: i32 = tx
+        .query_opt("SELECT version FROM pipeline.schema_version", &[])
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or(0);
+    for scripts in MIGRATIONS.iter().skip(at.max(0) as usize) {
+        for sql in *scripts {
+            tx.batch_execute(sql).await?;
+        }
+    }
+    tx.batch_execute("DELETE FROM pipeline.schema_version")
+        .await?;
+    tx.execute(
+        "INSERT INTO pipeline.schema_version (version) VALUES ($1)",
+        &[&version()],
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(from = at, to = version(), "database schema migrated");
+    Ok(found)
+}

@@ -32,6 +32,8 @@ pub(super) struct Tracked {
     /// committed).
     offset: u64,
     line: u64,
+    /// Times read again from the start (see `Position::reads`).
+    reads: u32,
     parser: FileParser,
     /// The last error reported, so a persistent one is logged once.
     last_error: Option<String>,
@@ -53,6 +55,7 @@ const OVERLONG_HEAD: usize = 64 * 1024;
 impl Tracked {
     pub(super) fn open(key: String, path: &Path, committed: Option<Position>) -> Tracked {
         let path: Arc<str> = Arc::from(path.to_string_lossy().as_ref());
+        let reads = committed.as_ref().map_or(0, |p| p.reads);
         let (offset, line, parser) = match committed {
             Some(p) if p.offset > 0 => {
                 tracing::info!(file = %path, offset = p.offset, line = p.line, "resuming file from its committed position");
@@ -69,11 +72,17 @@ impl Tracked {
             path,
             offset,
             line,
+            reads,
             parser,
             last_error: None,
             buf: Vec::new(),
             skipping: None,
         }
+    }
+
+    /// Bytes read so far.
+    pub(super) fn offset(&self) -> u64 {
+        self.offset
     }
 
     /// Follows a rename: positions and quarantine name the current path.
@@ -124,6 +133,7 @@ impl Tracked {
                 "file shrank below the read position: it was truncated or rewritten; reading it again from the start");
             self.offset = 0;
             self.line = 0;
+            self.reads += 1;
             self.parser = FileParser::default();
             self.skipping = None;
         }
@@ -281,6 +291,7 @@ impl Tracked {
             path: self.path.clone(),
             offset: self.offset,
             line: self.line,
+            reads: self.reads,
         };
         let record = Err(Malformed {
             file: self.path.clone(),
@@ -295,6 +306,7 @@ impl Tracked {
         let base_line = self.line;
         let path = &self.path;
         let key = &self.key;
+        let reads = self.reads;
         let chunk = &self.buf[..upto];
         self.parser.parse(chunk, base_line + 1, is_final, |parsed| {
             let position = Position {
@@ -302,6 +314,7 @@ impl Tracked {
                 path: path.clone(),
                 offset: base_offset + parsed.end as u64,
                 line: base_line + parsed.lines,
+                reads,
             };
             let record = match parsed.result {
                 Ok(event) => {
@@ -391,6 +404,7 @@ mod tests {
             path: Arc::from(path.to_string_lossy().as_ref()),
             offset: (ROW.len() * 5) as u64,
             line: 5,
+            reads: 0,
         };
         let mut tracked = Tracked::open(file_key(&listed), &path, Some(committed));
         // Between the listing and the read, another file takes the name.

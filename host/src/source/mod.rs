@@ -38,6 +38,40 @@ pub struct SourceConfig {
     /// Bytes read per call, and the longest record: one that does not fit
     /// is quarantined and reading goes on at the next line (see `file`).
     pub chunk: usize,
+    /// Read files that symbolic links in the folder point to. Off by
+    /// default: a link would let whoever may write the folder copy any
+    /// file the host can read into the quarantine.
+    pub follow_symlinks: bool,
+    /// What to do with a file once all of it is committed and it has been
+    /// quiet for `settle`.
+    pub on_done: OnDone,
+}
+
+/// `--on-done`: what becomes of a file fully committed and settled.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum OnDone {
+    /// Leave it (every pass still lists it).
+    #[default]
+    Keep,
+    /// Remove it.
+    Delete,
+    /// Rename it into this folder (on the same file system).
+    Move(PathBuf),
+}
+
+impl std::str::FromStr for OnDone {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<OnDone, String> {
+        match text {
+            "keep" => Ok(OnDone::Keep),
+            "delete" => Ok(OnDone::Delete),
+            _ => match text.strip_prefix("move:") {
+                Some(dir) if !dir.is_empty() => Ok(OnDone::Move(PathBuf::from(dir))),
+                _ => Err(format!("{text:?}: expected keep, delete or move:DIR")),
+            },
+        }
+    }
 }
 
 impl SourceConfig {
@@ -48,6 +82,8 @@ impl SourceConfig {
             rescan: Duration::from_secs(2),
             settle: Duration::from_secs(2),
             chunk: 1 << 20,
+            follow_symlinks: false,
+            on_done: OnDone::Keep,
         }
     }
 }
@@ -94,6 +130,12 @@ pub struct Source {
     committed: HashMap<String, Position>,
     tracked: HashMap<String, Tracked>,
     shutdown: Arc<AtomicBool>,
+    /// Entries skipped for what they are (links, devices...), logged once.
+    skipped: HashSet<PathBuf>,
+    /// Positions as the sink commits them, for `--on-done`.
+    committed_feed: Option<std::sync::mpsc::Receiver<Vec<Position>>>,
+    /// Committed offset by file key, from `committed_feed`.
+    committed_now: HashMap<String, u64>,
 }
 
 impl Source {
@@ -109,6 +151,59 @@ impl Source {
             committed,
             tracked: HashMap::new(),
             shutdown,
+            skipped: HashSet::new(),
+            committed_feed: None,
+            committed_now: HashMap::new(),
+        }
+    }
+
+    /// Where the positions of committed batches arrive, so that files
+    /// fully committed can be deleted or moved (`SourceConfig::on_done`).
+    pub fn committed_feed(&mut self, feed: std::sync::mpsc::Receiver<Vec<Position>>) {
+        self.committed_feed = Some(feed);
+    }
+
+    /// Deletes or moves a file read to its end whose end is committed and
+    /// which has been quiet for `settle`. Returns whether it is gone.
+    fn finish_if_done(
+        &mut self,
+        path: &std::path::Path,
+        meta: &std::fs::Metadata,
+        key: &str,
+    ) -> bool {
+        if self.config.on_done == OnDone::Keep
+            || self.committed_now.get(key) != Some(&meta.len())
+            || self.tracked.get(key).map(|t| t.offset()) != Some(meta.len())
+        {
+            return false;
+        }
+        let quiet = meta
+            .modified()
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|q| q >= self.config.settle);
+        if !quiet {
+            return false;
+        }
+        let result = match &self.config.on_done {
+            OnDone::Keep => return false,
+            OnDone::Delete => std::fs::remove_file(path),
+            OnDone::Move(dir) => std::fs::create_dir_all(dir).and_then(|()| {
+                std::fs::rename(path, dir.join(path.file_name().unwrap_or_default()))
+            }),
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!(file = %path.display(), "file committed: done with it ({:?})", self.config.on_done);
+                self.committed_now.remove(key);
+                true
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), "file committed, but --on-done failed: {e}; keeping it");
+                // Not tried again at every pass.
+                self.committed_now.remove(key);
+                false
+            }
         }
     }
 
@@ -162,6 +257,13 @@ impl Source {
     /// One pass over the input folder: discover files, read what is new.
     /// Returns whether anything was read.
     fn pass(&mut self, outlet: &mut Outlet) -> Result<bool, SourceError> {
+        if let Some(feed) = &self.committed_feed {
+            for positions in feed.try_iter() {
+                for p in positions {
+                    self.committed_now.insert(p.key, p.offset);
+                }
+            }
+        }
         let files = self.list()?;
         let mut progressed = false;
         let mut present = HashSet::with_capacity(files.len());
@@ -184,6 +286,9 @@ impl Source {
                 Ok(read) => progressed |= read,
                 Err(e) => tracked.report_error(e),
             }
+            if self.finish_if_done(&path, &meta, &key) {
+                present.remove(&key);
+            }
         }
         // Forget files that are gone; their committed positions stay.
         self.tracked.retain(|key, _| present.contains(key));
@@ -191,7 +296,7 @@ impl Source {
     }
 
     /// Candidate files, oldest first (by modification time, then name).
-    fn list(&self) -> Result<Vec<(PathBuf, std::fs::Metadata)>, SourceError> {
+    fn list(&mut self) -> Result<Vec<(PathBuf, std::fs::Metadata)>, SourceError> {
         let dir = &self.config.input;
         let entries = std::fs::read_dir(dir).map_err(|source| SourceError::Folder {
             path: dir.clone(),
@@ -204,10 +309,32 @@ impl Source {
                 continue;
             }
             let path = entry.path();
-            match std::fs::metadata(&path) {
-                Ok(meta) if meta.is_file() => files.push((path, meta)),
-                _ => {}
+            // The entry itself, not what a link points to.
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let meta = if meta.file_type().is_symlink() && self.config.follow_symlinks {
+                match std::fs::metadata(&path) {
+                    Ok(target) => target,
+                    Err(_) => continue,
+                }
+            } else {
+                meta
+            };
+            if meta.is_file() {
+                files.push((path, meta));
+            } else if !meta.is_dir() && self.skipped.insert(path.clone()) {
+                let what = if meta.file_type().is_symlink() {
+                    "a symbolic link (--follow-symlinks reads what links point to)"
+                } else {
+                    "not a regular file"
+                };
+                tracing::warn!(path = %path.display(), "skipping input entry: {what}");
             }
+        }
+        // Forget skipped entries that are gone, so the set stays bounded.
+        if !self.skipped.is_empty() {
+            self.skipped.retain(|p| p.symlink_metadata().is_ok());
         }
         files.sort_by_key(|(path, meta)| {
             (

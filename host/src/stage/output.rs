@@ -6,41 +6,12 @@ use std::collections::HashSet;
 
 use super::bindings::{BatchResult, Event};
 
-/// Column limits of `ecommerce_events`.
-pub const MAX_EVENT_ID: usize = 36;
-pub const MAX_EVENT_TYPE: usize = 20;
-/// NUMERIC(10,2) holds at most 99999999.99.
-pub const MAX_PRICE_CENTS: i64 = 9_999_999_999;
-/// PostgreSQL's TIMESTAMP starts at 4713 BC.
-pub const MIN_EVENT_TIME_US: i64 = -210_866_803_200_000_000;
-
-/// Why a single event cannot be written to the table, if it cannot.
+/// Why a single event cannot be written to the table, if it cannot
+/// (the table's own rules: `sink::columns`).
 pub fn column_violation(event: &Event) -> Option<String> {
-    if event.event_id.is_empty() || event.event_id.len() > MAX_EVENT_ID {
-        return Some(format!(
-            "event_id {:?} must have 1 to {MAX_EVENT_ID} characters",
-            event.event_id
-        ));
-    }
-    if event.event_type.is_empty() || event.event_type.chars().count() > MAX_EVENT_TYPE {
-        return Some(format!(
-            "event_type {:?} must have 1 to {MAX_EVENT_TYPE} characters",
-            event.event_type
-        ));
-    }
-    if event.price_cents.abs() > MAX_PRICE_CENTS {
-        return Some(format!(
-            "price {} cents does not fit NUMERIC(10,2)",
-            event.price_cents
-        ));
-    }
-    if event.event_time < MIN_EVENT_TIME_US {
-        return Some(format!(
-            "event_time {} us is before PostgreSQL's earliest timestamp",
-            event.event_time
-        ));
-    }
-    None
+    crate::sink::columns::check(event)
+        .err()
+        .map(|v| v.to_string())
 }
 
 /// Checks a stage's result against its input: every returned or rejected
