@@ -182,11 +182,17 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     let states = std::mem::take(&mut checkpoint.states);
     let stage_runtime = runtime.clone();
     let stage_plan = plan.clone();
+    let once = config.once;
     let stage_thread = std::thread::Builder::new()
         .name("stages".into())
         .spawn(move || {
             let chain = match Chain::start(stage_runtime, stage_plan, &states) {
-                Ok(chain) => {
+                Ok(mut chain) => {
+                    if once {
+                        // A backfill compares every batch: completeness
+                        // over latency.
+                        chain.compare_every_batch();
+                    }
                     let _ = started_tx.send(Ok(chain.versions()));
                     chain
                 }

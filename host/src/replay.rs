@@ -16,7 +16,7 @@ use crate::stage::chain::{Chain, StageVersion};
 use crate::stage::manifest::Manifest;
 use crate::stage::reload::Loader;
 use crate::stage::runtime::Runtime;
-use crate::stage::shadow::{DiffCounts, DiffSample, SAMPLES_PER_KIND};
+use crate::stage::shadow::{DiffCounts, DiffSample, ShadowDiff, SAMPLES_PER_KIND};
 use anyhow::{bail, Context};
 
 pub struct ReplayArgs {
@@ -72,6 +72,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ReplayReport> {
     let mut loader = Loader::new(runtime.clone());
     let plan = loader.plan(&manifest)?;
     let mut chain = Chain::start(runtime, plan, &HashMap::new())?;
+    chain.compare_every_batch();
 
     let mut report = ReplayReport {
         stage: args.stage.clone(),
@@ -93,29 +94,14 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ReplayReport> {
         for batch in events.chunks(args.batch_size.max(1)) {
             let out = chain.process(batch);
             report.batches += 1;
-            for diff in out.shadows.into_iter().filter(|d| d.stage == args.stage) {
-                match diff.counts {
-                    Some(counts) => add(&mut report.counts, &counts),
-                    None => {
-                        report.candidate_failed_batches += 1;
-                        report.candidate_failed_events += diff.rows_in;
-                        if report.first_candidate_error.is_none() {
-                            report.first_candidate_error = diff.error;
-                        }
-                    }
-                }
-                for sample in diff.samples {
-                    let same_kind = report
-                        .samples
-                        .iter()
-                        .filter(|s| s.kind == sample.kind)
-                        .count();
-                    if same_kind < SAMPLES_PER_KIND {
-                        report.samples.push(sample);
-                    }
-                }
+            for diff in out.shadows {
+                tally(&mut report, diff, &args.stage);
             }
         }
+    }
+    // Diffs of the last batches may still be in the candidate's hands.
+    for diff in chain.finish_shadows() {
+        tally(&mut report, diff, &args.stage);
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -123,6 +109,33 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ReplayReport> {
         print_text(&report);
     }
     Ok(report)
+}
+
+/// Adds one batch's diff of stage `stage` to the report.
+fn tally(report: &mut ReplayReport, diff: ShadowDiff, stage: &str) {
+    if diff.stage != stage {
+        return;
+    }
+    match diff.counts {
+        Some(counts) => add(&mut report.counts, &counts),
+        None => {
+            report.candidate_failed_batches += 1;
+            report.candidate_failed_events += diff.rows_in;
+            if report.first_candidate_error.is_none() {
+                report.first_candidate_error = diff.error;
+            }
+        }
+    }
+    for sample in diff.samples {
+        let same_kind = report
+            .samples
+            .iter()
+            .filter(|s| s.kind == sample.kind)
+            .count();
+        if same_kind < SAMPLES_PER_KIND {
+            report.samples.push(sample);
+        }
+    }
 }
 
 /// The folder's input files, by name: the order `host run --once` commits

@@ -143,6 +143,7 @@ impl Slot {
         input: &[Event],
         result: &BatchResult,
         failed: usize,
+        every_batch: bool,
     ) -> Vec<ShadowDiff> {
         // Most stages have no candidate: no version strings built for them.
         if self.shadow.is_none() {
@@ -151,7 +152,14 @@ impl Slot {
         let version = self.version();
         match &self.shadow {
             Some(shadow) => {
-                shadow.submit(version, input, result, failed, &self.base_state);
+                shadow.submit(
+                    version,
+                    input,
+                    result,
+                    failed,
+                    &self.base_state,
+                    every_batch,
+                );
                 shadow.ready()
             }
             None => Vec::new(),
@@ -285,6 +293,9 @@ impl Slot {
 pub struct Chain {
     runtime: Arc<Runtime>,
     slots: Vec<Slot>,
+    /// Whether every batch goes to the shadow candidates, waiting for a
+    /// busy one (see `compare_every_batch`).
+    every_shadow_batch: bool,
 }
 
 impl Chain {
@@ -336,11 +347,24 @@ impl Chain {
             );
             slots.push(slot);
         }
-        Ok(Chain { runtime, slots })
+        Ok(Chain {
+            runtime,
+            slots,
+            every_shadow_batch: false,
+        })
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
         &self.runtime
+    }
+
+    /// Hands every batch to the shadow candidates, waiting while one is
+    /// still busy with the batch before (each call is bounded by its time
+    /// limit). For backfills and replays, where a complete comparison
+    /// matters more than latency; a streaming host skips a batch instead,
+    /// so that a slow candidate delays nothing.
+    pub fn compare_every_batch(&mut self) {
+        self.every_shadow_batch = true;
     }
 
     pub fn versions(&self) -> Vec<StageVersion> {
@@ -359,8 +383,12 @@ impl Chain {
             let current = owned.as_deref().unwrap_or(events);
             let rows_in = current.len();
             let result = self.run_slot(index, current, &mut failed);
-            out.shadows
-                .extend(self.slots[index].shadow_run(current, &result, failed.len()));
+            out.shadows.extend(self.slots[index].shadow_run(
+                current,
+                &result,
+                failed.len(),
+                self.every_shadow_batch,
+            ));
             let slot = &self.slots[index];
             let name = slot.live.name().to_owned();
             out.runs.push(StageRun {

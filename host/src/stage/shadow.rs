@@ -530,8 +530,9 @@ impl ShadowWorker {
         &self.candidate
     }
 
-    /// Hands a batch to the candidate unless it is still busy (or
-    /// disabled); never waits.
+    /// Hands a batch to the candidate. Unless `wait`, a candidate still
+    /// busy with an earlier batch (or disabled) skips this one, and the
+    /// call never waits; with `wait` it waits for the candidate to take it.
     pub fn submit(
         &self,
         live_version: StageVersion,
@@ -539,6 +540,7 @@ impl ShadowWorker {
         live: &BatchResult,
         live_failed: usize,
         live_state: &[u8],
+        wait: bool,
     ) {
         let job = Job {
             live_version,
@@ -547,7 +549,13 @@ impl ShadowWorker {
             live_failed,
             live_state: live_state.to_vec(),
         };
-        if self.jobs.try_send(job).is_ok() {
+        let sent = if wait {
+            // Err only when the candidate's thread has ended (disabled).
+            self.jobs.send(job).is_ok()
+        } else {
+            self.jobs.try_send(job).is_ok()
+        };
+        if sent {
             self.pending.set(self.pending.get() + 1);
         }
     }
