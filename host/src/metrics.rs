@@ -115,9 +115,14 @@ impl Metrics {
     }
 
     /// Counts a shadow comparison, row by row, per kind of difference.
-    pub fn shadow_rows(&self, stage: &str, counts: &crate::stage::shadow::DiffCounts) {
+    /// Rows a shadow comparison counted, by kind (`kept_both`, `changed`, ...).
+    pub fn shadow_rows(
+        &self,
+        stage: &str,
+        counts: impl IntoIterator<Item = (&'static str, usize)>,
+    ) {
         if let Ok(mut map) = self.shadow_rows.lock() {
-            for (kind, n) in counts.kinds() {
+            for (kind, n) in counts {
                 *map.entry((stage.to_owned(), kind)).or_default() += n as u64;
             }
         }

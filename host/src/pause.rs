@@ -22,7 +22,9 @@
 
 use std::collections::HashMap;
 
-use crate::stage::chain::{StageRejection, StageRun, SwapReport};
+use crate::batch::Batch;
+use crate::sink::Commit;
+use crate::stage::chain::{Chain, StageRejection, StageRun, SwapReport};
 
 /// Consecutive batches a stage must fail wholly before the input pauses.
 /// Three: one bad batch can be a burst of poison events, three in a row
@@ -204,6 +206,95 @@ impl Breaker {
         self.streaks.remove(&pause.stage);
         self.state = State::Running;
         Ok(())
+    }
+}
+
+/// The pause protocol as the stage loop sees it: the [`Breaker`], the
+/// batch held while the input is paused, and the probe of that batch on
+/// the new version. The loop asks it for the next batch, hands it each
+/// batch to run and each commit to observe, and tells it of swaps.
+pub struct Hold {
+    breaker: Breaker,
+    held: Option<Batch>,
+}
+
+/// What came of running a batch (see [`Hold::run`]).
+pub enum Ran {
+    /// To commit.
+    Commit(Box<Commit>),
+    /// The held batch failed wholly on the new version too: it is held
+    /// again, the stages rewound.
+    Held(Pause),
+}
+
+impl Hold {
+    /// `threshold == 0` never pauses.
+    pub fn new(threshold: u32) -> Hold {
+        Hold {
+            breaker: Breaker::new(threshold),
+            held: None,
+        }
+    }
+
+    /// The held batch if there is one, else the next from `input`.
+    pub fn next(&mut self, input: impl FnOnce() -> Option<Batch>) -> Option<Batch> {
+        self.held.take().or_else(input)
+    }
+
+    /// The pause in force, if the input is held.
+    pub fn paused(&self) -> Option<&Pause> {
+        self.breaker.paused()
+    }
+
+    /// After a plan was applied: returns the pause it ended, if any (the
+    /// held batch then goes to the new version first).
+    pub fn on_swap(&mut self, report: &SwapReport) -> Option<Pause> {
+        self.breaker.on_swap(report)
+    }
+
+    /// Runs `batch` through `process`. The held batch, tried on a new
+    /// version that fails all of it too, must leave nothing behind: not
+    /// the rows, not the quarantine, not what earlier stages learnt from
+    /// it; the chain is rewound and the batch held again.
+    pub fn run(
+        &mut self,
+        chain: &mut Chain,
+        batch: Batch,
+        process: impl FnOnce(&mut Chain, Batch) -> Commit,
+    ) -> Ran {
+        if !self.breaker.probing() {
+            return Ran::Commit(Box::new(process(chain, batch)));
+        }
+        let before = chain.snapshots(true);
+        let again = batch.clone();
+        let commit = process(chain, batch);
+        match self.breaker.probe_result(&commit.stages) {
+            Ok(()) => {
+                tracing::info!(stage = %commit.stages.iter().map(|r| r.stage.name.as_str()).collect::<Vec<_>>().join(","),
+                    "the held batch went through; input resumed");
+                Ran::Commit(Box::new(commit))
+            }
+            Err(pause) => {
+                chain.rewind(before);
+                tracing::error!(stage = %pause.stage, "the new version fails every event of the held batch too; still {}", pause.describe());
+                self.held = Some(again);
+                Ran::Held(pause)
+            }
+        }
+    }
+
+    /// Records what the stages did with a batch that is being committed;
+    /// returns the pause when this batch trips it (the next batch is held).
+    pub fn observe(&mut self, commit: &Commit) -> Option<Pause> {
+        let failures: Vec<StageRejection> = commit
+            .rejections
+            .iter()
+            .filter(|(r, _)| r.failure)
+            .map(|(r, _)| r.clone())
+            .collect();
+        let pause = self.breaker.observe(&commit.stages, &failures)?;
+        tracing::error!(stage = %pause.stage, "{}", pause.describe());
+        Some(pause)
     }
 }
 

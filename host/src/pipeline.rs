@@ -26,14 +26,16 @@ use crate::batch::{Batch, Batcher, Origin};
 use crate::embedded::{self, EmbeddedPostgres, Tuning};
 use crate::http;
 use crate::metrics::{self, Metrics};
-use crate::pause::Breaker;
+use crate::pause::{Hold, Ran};
 use crate::progress::{Backfill, Progress, Unit};
 use crate::sink::{self, Commit, Sink};
 use crate::source::{OnDone, Source, SourceConfig};
-use crate::stage::chain::{Chain, Prepared, StageRejection, StageRun};
+use crate::stage::chain::{Chain, Prepared, StageRun};
+use crate::stage::events::{PluginEvent, PluginEventKind};
 use crate::stage::manifest::Manifest;
-use crate::stage::reload::{self, Loader};
+use crate::stage::reload::{self, Loader, Update};
 use crate::stage::runtime::Runtime;
+use crate::stage::shadow::ShadowDiff;
 use crate::status::Status;
 
 #[derive(Debug, Clone)]
@@ -163,11 +165,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     for p in &plan {
         tracing::info!(stage = %p.spec.name, hash = p.component.short_hash(), cached = p.component.cached,
             load_ms = p.component.load_time.as_millis() as u64, "stage loaded");
-        metrics::global().plugin_loaded(&p.spec.name);
     }
     let (batch_tx, batch_rx) = mpsc::channel::<Batch>(1);
     let (commit_tx, mut commit_rx) = mpsc::channel::<Commit>(1);
-    let (plan_tx, plan_rx) = std::sync::mpsc::channel::<Vec<Prepared>>();
+    let (update_tx, update_rx) = std::sync::mpsc::channel::<Update>();
 
     let settings = StageSettings {
         snapshot_interval: config.snapshot_interval,
@@ -201,7 +202,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
                     return Ok(());
                 }
             };
-            run_stages(chain, batch_rx, commit_tx, plan_rx, settings)
+            run_stages(chain, batch_rx, commit_tx, update_rx, settings)
         })?;
     let versions = match started_rx.await {
         Ok(Ok(versions)) => versions,
@@ -251,10 +252,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
         let stop = shutdown.clone();
         std::thread::Builder::new()
             .name("plugin-watch".into())
-            .spawn(move || reload::watch(loader, plugins, plan, plan_tx, stop))?;
+            .spawn(move || reload::watch(loader, plugins, plan, update_tx, stop))?;
     } else {
         // No reloads with --once: a paused stage then ends the run.
-        drop(plan_tx);
+        drop(update_tx);
     }
 
     let mut totals = Totals::default();
@@ -435,86 +436,218 @@ struct StageSettings {
     shutdown: Arc<AtomicBool>,
 }
 
+/// A bound on the plugin events waiting for a batch, so a host that sees
+/// no batches for a long time while a broken file keeps changing does not
+/// grow without end.
+const MAX_PENDING_EVENTS: usize = 10_000;
+
 /// The stage thread: runs each batch through the chain, applies new plans
 /// between batches, takes snapshots when due and at the end, and holds the
 /// input while a stage that fails everything is paused (see `pause`).
 fn run_stages(
-    mut chain: Chain,
+    chain: Chain,
     mut batches: mpsc::Receiver<Batch>,
     commits: mpsc::Sender<Commit>,
-    plans: std::sync::mpsc::Receiver<Vec<Prepared>>,
+    updates: std::sync::mpsc::Receiver<Update>,
     settings: StageSettings,
 ) -> Result<(), StageThreadError> {
-    let m = metrics::global();
-    let mut breaker = Breaker::new(settings.pause_after);
-    let mut last_snapshot = Instant::now();
-    let mut snapshot_now = false;
+    let mut stages = Stages::new(chain, updates, settings);
     let mut processed_any = false;
-    let mut held: Option<Batch> = None;
-    loop {
-        let batch = match held.take() {
-            Some(batch) => batch,
-            None => match batches.blocking_recv() {
-                Some(batch) => batch,
-                None => break,
-            },
-        };
+    while let Some(batch) = stages.hold.next(|| batches.blocking_recv()) {
         processed_any = true;
-        // Only the newest plan matters; apply it before this batch.
-        if let Some(plan) = plans.try_iter().last() {
-            apply_plan(&mut chain, plan, &mut breaker, m);
-            // Commit the new versions' state with the next batch.
-            snapshot_now = true;
-        }
-        if let Some(pause) = breaker.paused() {
+        stages.take_updates();
+        if let Some(pause) = stages.hold.paused() {
             // Hold this batch, unprocessed, until the stage changes.
             let why = pause.describe();
-            match wait_for_swap(&mut chain, &plans, &mut breaker, &settings.shutdown, m) {
-                Wait::Resumed => snapshot_now = true,
+            match stages.wait_for_swap() {
+                Wait::Resumed => {}
                 Wait::Shutdown => break,
                 Wait::NoReload => return Err(StageThreadError::PausedWithoutReload(why)),
             }
         }
-        let due = std::mem::take(&mut snapshot_now)
-            || last_snapshot.elapsed() >= settings.snapshot_interval;
-        if due {
-            last_snapshot = Instant::now();
-        }
-        if breaker.probing() {
-            // The held batch goes to the new version. If that one fails all
-            // of it too, nothing of it may stick: not the rows, not the
-            // quarantine, not what earlier stages learnt from it.
-            let before = chain.snapshots(true);
-            let again = batch.clone();
-            let commit = process(&mut chain, batch, m, due);
-            if let Err(pause) = breaker.probe_result(&commit.stages) {
-                chain.rewind(before);
-                tracing::error!(stage = %pause.stage, "the new version fails every event of the held batch too; still {}", pause.describe());
-                m.stage_paused(&pause.stage, Some(pause.describe()));
-                held = Some(again);
-                snapshot_now = due;
-                continue;
-            }
-            tracing::info!(stage = %commit.stages.iter().map(|r| r.stage.name.as_str()).collect::<Vec<_>>().join(","),
-                "the held batch went through; input resumed");
-            if !send(&commits, commit, &mut breaker, m) {
+        if let Some(commit) = stages.run(batch) {
+            if commits.blocking_send(commit).is_err() {
                 return Ok(());
             }
-            continue;
-        }
-        let commit = process(&mut chain, batch, m, due);
-        if !send(&commits, commit, &mut breaker, m) {
-            return Ok(());
         }
     }
     // Input closed: commit the final state so a restart starts from it.
-    if !processed_any {
-        return Ok(());
+    if processed_any {
+        if let Some(commit) = stages.finish() {
+            let _ = commits.blocking_send(commit);
+        }
     }
-    let snapshots = chain.snapshots(true);
-    let shadow_diffs = chain.finish_shadows();
-    if !snapshots.is_empty() || !shadow_diffs.is_empty() {
-        let stages = chain
+    Ok(())
+}
+
+enum Wait {
+    Resumed,
+    Shutdown,
+    NoReload,
+}
+
+/// The stage thread's state between batches: the chain, the pause
+/// protocol, when the next snapshot is due, and the plugin events that go
+/// with the next commit. The pipeline records metrics here, from what the
+/// stages return.
+struct Stages {
+    chain: Chain,
+    updates: std::sync::mpsc::Receiver<Update>,
+    hold: Hold,
+    settings: StageSettings,
+    last_snapshot: Instant,
+    /// Take every stage's snapshot with the next batch (after a swap).
+    snapshot_now: bool,
+    events: Vec<PluginEvent>,
+    m: &'static Metrics,
+}
+
+impl Stages {
+    fn new(
+        mut chain: Chain,
+        updates: std::sync::mpsc::Receiver<Update>,
+        settings: StageSettings,
+    ) -> Stages {
+        let started = chain.take_events();
+        let mut stages = Stages {
+            chain,
+            updates,
+            hold: Hold::new(settings.pause_after),
+            settings,
+            last_snapshot: Instant::now(),
+            snapshot_now: false,
+            events: Vec::new(),
+            m: metrics::global(),
+        };
+        stages.absorb(started);
+        stages
+    }
+
+    /// Counts plugin events and keeps them for the next commit.
+    fn absorb(&mut self, events: Vec<PluginEvent>) {
+        for event in events {
+            record_plugin_event(self.m, &event);
+            if self.events.len() < MAX_PENDING_EVENTS {
+                self.events.push(event);
+            }
+        }
+    }
+
+    /// Takes what the plugin watcher sent since the last batch; of its
+    /// plans only the newest matters, applied before the next batch.
+    fn take_updates(&mut self) {
+        let mut newest = None;
+        while let Ok(update) = self.updates.try_recv() {
+            if let Some(plan) = self.take_update(update) {
+                newest = Some(plan);
+            }
+        }
+        if let Some(plan) = newest {
+            self.apply_plan(plan);
+        }
+    }
+
+    /// Records an update; returns it if it is a plan.
+    fn take_update(&mut self, update: Update) -> Option<Vec<Prepared>> {
+        match update {
+            Update::Plan(plan) => return Some(plan),
+            Update::Rejected(event) => self.absorb(vec![event]),
+            Update::ManifestInvalid => self.m.plugin_rejected("manifest", "invalid"),
+        }
+        None
+    }
+
+    fn apply_plan(&mut self, plan: Vec<Prepared>) {
+        let report = self.chain.apply(plan);
+        for v in &report.started {
+            tracing::info!(stage = %v.name, version = %v.version, hash = &v.hash[..12], "stage version swapped in");
+        }
+        for name in &report.removed {
+            tracing::info!(stage = %name, "stage removed");
+        }
+        for (name, reason) in &report.refused {
+            tracing::error!(stage = %name, "new version refused, keeping the current one: {reason}");
+        }
+        let events = self.chain.take_events();
+        self.absorb(events);
+        if let Some(pause) = self.hold.on_swap(&report) {
+            tracing::info!(stage = %pause.stage, "the paused stage changed: trying the held batch on it");
+            self.m.stage_paused(&pause.stage, None);
+        }
+        // Commit the new versions' state with the next batch.
+        self.snapshot_now = true;
+    }
+
+    /// Blocks while the input is paused, applying plans as they come,
+    /// until one changes the paused stage (or shutdown).
+    fn wait_for_swap(&mut self) -> Wait {
+        use std::sync::mpsc::RecvTimeoutError;
+        while self.hold.paused().is_some() {
+            if self.settings.shutdown.load(Ordering::Relaxed) {
+                return Wait::Shutdown;
+            }
+            match self.updates.recv_timeout(Duration::from_millis(200)) {
+                Ok(update) => {
+                    if let Some(plan) = self.take_update(update) {
+                        self.apply_plan(plan);
+                    }
+                    self.take_updates();
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Wait::NoReload,
+            }
+        }
+        Wait::Resumed
+    }
+
+    /// Runs one batch; returns its commit, or `None` when the pause holds
+    /// it again. Counts it in metrics and feeds the pause breaker.
+    fn run(&mut self, batch: Batch) -> Option<Commit> {
+        let due = std::mem::take(&mut self.snapshot_now)
+            || self.last_snapshot.elapsed() >= self.settings.snapshot_interval;
+        if due {
+            self.last_snapshot = Instant::now();
+        }
+        let m = self.m;
+        let mut events = Vec::new();
+        let ran = self.hold.run(&mut self.chain, batch, |chain, batch| {
+            process(chain, batch, m, due, &mut events)
+        });
+        // A held batch's events are kept too: they happened.
+        self.absorb(events);
+        match ran {
+            Ran::Commit(commit) => {
+                let mut commit = *commit;
+                commit.plugin_events = std::mem::take(&mut self.events);
+                record(m, &commit);
+                if let Some(pause) = self.hold.observe(&commit) {
+                    m.stage_paused(&pause.stage, Some(pause.describe()));
+                }
+                Some(commit)
+            }
+            Ran::Held(pause) => {
+                m.stage_paused(&pause.stage, Some(pause.describe()));
+                self.snapshot_now = due;
+                None
+            }
+        }
+    }
+
+    /// The last commit of a run: every stage's state, the shadow diffs
+    /// still in flight and the events since the last batch.
+    fn finish(mut self) -> Option<Commit> {
+        let snapshots = self.chain.snapshots(true);
+        let shadow_diffs = self.chain.finish_shadows();
+        for diff in &shadow_diffs {
+            record_shadow(self.m, diff);
+        }
+        let events = self.chain.take_events();
+        self.absorb(events);
+        if snapshots.is_empty() && shadow_diffs.is_empty() && self.events.is_empty() {
+            return None;
+        }
+        let stages = self
+            .chain
             .versions()
             .into_iter()
             .map(|stage| StageRun {
@@ -526,101 +659,38 @@ fn run_stages(
                 failed: 0,
             })
             .collect();
-        let _ = commits.blocking_send(Commit {
+        Some(Commit {
             id: uuid::Uuid::new_v4(),
             snapshots,
             stages,
             shadow_diffs,
-            plugin_events: crate::stage::events::drain(),
+            plugin_events: self.events,
             ..Commit::default()
-        });
+        })
     }
-    Ok(())
-}
-
-/// Records a processed batch (metrics, the pause breaker) and hands it to
-/// the sink. Returns false when the sink is gone.
-fn send(
-    commits: &mpsc::Sender<Commit>,
-    commit: Commit,
-    breaker: &mut Breaker,
-    m: &Metrics,
-) -> bool {
-    record(m, &commit);
-    let rejections: Vec<StageRejection> = commit
-        .rejections
-        .iter()
-        .filter(|(r, _)| r.failure)
-        .map(|(r, _)| r.clone())
-        .collect();
-    if let Some(pause) = breaker.observe(&commit.stages, &rejections) {
-        tracing::error!(stage = %pause.stage, "{}", pause.describe());
-        m.stage_paused(&pause.stage, Some(pause.describe()));
-    }
-    commits.blocking_send(commit).is_ok()
-}
-
-fn apply_plan(chain: &mut Chain, plan: Vec<Prepared>, breaker: &mut Breaker, m: &Metrics) {
-    let report = chain.apply(plan);
-    for v in &report.started {
-        tracing::info!(stage = %v.name, version = %v.version, hash = &v.hash[..12], "stage version swapped in");
-        m.plugin_loaded(&v.name);
-    }
-    for name in &report.removed {
-        tracing::info!(stage = %name, "stage removed");
-    }
-    for (name, reason) in &report.refused {
-        tracing::error!(stage = %name, "new version refused, keeping the current one: {reason}");
-        m.plugin_rejected(name, "start");
-    }
-    if let Some(pause) = breaker.on_swap(&report) {
-        tracing::info!(stage = %pause.stage, "the paused stage changed: trying the held batch on it");
-        m.stage_paused(&pause.stage, None);
-    }
-}
-
-enum Wait {
-    Resumed,
-    Shutdown,
-    NoReload,
-}
-
-/// Blocks while the input is paused, applying plans as they come, until
-/// one changes the paused stage (or shutdown).
-fn wait_for_swap(
-    chain: &mut Chain,
-    plans: &std::sync::mpsc::Receiver<Vec<Prepared>>,
-    breaker: &mut Breaker,
-    shutdown: &AtomicBool,
-    m: &Metrics,
-) -> Wait {
-    use std::sync::mpsc::RecvTimeoutError;
-    while breaker.paused().is_some() {
-        if shutdown.load(Ordering::Relaxed) {
-            return Wait::Shutdown;
-        }
-        match plans.recv_timeout(Duration::from_millis(200)) {
-            Ok(plan) => {
-                let plan = plans.try_iter().last().unwrap_or(plan);
-                apply_plan(chain, plan, breaker, m);
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return Wait::NoReload,
-        }
-    }
-    Wait::Resumed
 }
 
 /// Runs one batch through the chain and gathers what its commit holds,
 /// with the state of every every-batch stage, and of the interval ones
-/// when `with_snapshots`. Metrics are recorded by
-/// `record` once the commit is sure to be sent.
-fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -> Commit {
+/// when `with_snapshots`. The plugin events the chain returns go to
+/// `events` (the caller counts them and puts them on the commit); row
+/// metrics are recorded by `record` once the commit is sure to be sent.
+fn process(
+    chain: &mut Chain,
+    batch: Batch,
+    m: &Metrics,
+    with_snapshots: bool,
+    events: &mut Vec<PluginEvent>,
+) -> Commit {
     let rows_in = batch.rows();
-    let out = chain.process(&batch.events);
+    let mut out = chain.process(&batch.events);
     for run in &out.runs {
         m.stage_time(&run.stage.name, run.elapsed);
     }
+    for diff in &out.shadows {
+        record_shadow(m, diff);
+    }
+    events.append(&mut out.plugin_events);
     let rejections = if out.rejections.is_empty() {
         Vec::new()
     } else {
@@ -663,7 +733,7 @@ fn process(chain: &mut Chain, batch: Batch, m: &Metrics, with_snapshots: bool) -
         stages: out.runs,
         snapshots,
         shadow_diffs: out.shadows,
-        plugin_events: crate::stage::events::drain(),
+        plugin_events: Vec::new(),
     }
 }
 
@@ -678,6 +748,34 @@ fn record(m: &Metrics, c: &Commit) {
     Metrics::add(&m.rows_failed, failed);
     Metrics::add(&m.rows_rejected, c.rejections.len() - failed);
     Metrics::add(&m.rows_dropped, c.dropped);
+}
+
+/// Counts a plugin event: loads and swaps, rejections by cause, shadow
+/// candidates that cannot run or were disabled.
+fn record_plugin_event(m: &Metrics, event: &PluginEvent) {
+    match event.kind {
+        PluginEventKind::Loaded | PluginEventKind::SwappedIn | PluginEventKind::Promoted => {
+            m.plugin_loaded(&event.stage)
+        }
+        PluginEventKind::Rejected => {
+            m.plugin_rejected(&event.stage, event.cause.unwrap_or("start"))
+        }
+        PluginEventKind::ShadowRejected | PluginEventKind::ShadowDisabled => {
+            m.shadow_failure(&event.stage, event.cause.unwrap_or("unavailable"))
+        }
+        PluginEventKind::Removed | PluginEventKind::ShadowStarted | PluginEventKind::StateReset => {
+        }
+    }
+}
+
+/// Counts a shadow comparison: its rows by kind, or its failure.
+fn record_shadow(m: &Metrics, diff: &ShadowDiff) {
+    if let Some(counts) = &diff.counts {
+        m.shadow_rows(&diff.stage, counts.kinds());
+    }
+    if let Some(kind) = diff.error_kind {
+        m.shadow_failure(&diff.stage, kind);
+    }
 }
 
 /// Sets `shutdown` on the first SIGINT/SIGTERM and reports it on the

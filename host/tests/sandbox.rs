@@ -283,7 +283,8 @@ fn a_counting_stage_commits_exactly_the_events_of_committed_batches() {
     let input = dir.join("input");
     let url = fresh_db("counter");
     let mut traps = 0;
-    let rounds = 8;
+    let rounds = 20;
+    let mut rng: rand::rngs::StdRng = rand::make_rng();
     for round in 0..rounds {
         // Each round: a file with a few events that trap the counter.
         let rows: Vec<String> = (0..400)
@@ -317,6 +318,11 @@ fn a_counting_stage_commits_exactly_the_events_of_committed_batches() {
             std::fs::rename(plugins.join(".counter.tmp"), plugins.join("counter.wasm")).unwrap();
             std::thread::sleep(Duration::from_millis(700));
         }
+        // At a random moment after it: mid-batch, mid-commit or idle.
+        std::thread::sleep(Duration::from_millis(rand::RngExt::random_range(
+            &mut rng,
+            0..400,
+        )));
         host.kill(); // SIGKILL
         let rows = count(&url, "SELECT count(*) FROM ecommerce_events");
         assert_eq!(
@@ -348,4 +354,91 @@ fn a_counting_stage_commits_exactly_the_events_of_committed_batches() {
         traps as i64
     );
     assert_eq!(committed_count(&url), rows);
+}
+
+/// A shadow candidate that misbehaves on every batch (sleeps to its time
+/// limit, or spins) runs on its own thread: the live stage's time per
+/// batch, from the batch records, stays far below the candidate's limit,
+/// every row is committed by the live version, and the candidate's
+/// failures are recorded until it is disabled.
+fn a_misbehaving_shadow_candidate_delays_nothing(name: &str, mode: &str, grants: &str) {
+    let dir = scratch(name);
+    let limit_ms = 3000;
+    let plugins = plugins_with(
+        &dir,
+        &[
+            (&fixtures_dir().join("marker_v1.wasm"), "marker.wasm"),
+            (&fixtures_dir().join("faulty.wasm"), "faulty.wasm"),
+        ],
+        // marker ignores `mode`; the candidate (faulty) misbehaves on user 666.
+        &format!(
+            "[[stage]]\nname = \"marker\"\ncomponent = \"marker.wasm\"\nshadow = \"faulty.wasm\"\n\
+             grants = [{grants}]\nlimits = {{ time-per-batch = \"{limit_ms}ms\", memory = \"64MiB\" }}\n\
+             [stage.config]\nmode = \"{mode}\"\n"
+        ),
+    );
+    let input = dir.join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    let url = fresh_db(&name.replace('-', "_"));
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut cmd = host();
+    cmd.args(run_args(&plugins, &input, &url, &state))
+        .args(["--batch-size", "10"]);
+    let mut host = Running::spawn(cmd, &state.join("host.log"));
+    // One file of ten events (one of them user 666) at a time, each waited
+    // for, until the candidate has failed enough batches to be disabled.
+    let mut files = 0;
+    host.wait_until("the candidate disabled", || {
+        if files < 200 {
+            let mut rows: Vec<String> = (0..10).map(|_| row(1, 1)).collect();
+            rows[4] = row(666, 1);
+            write_csv(&input, &format!("f{files:03}.csv"), &rows);
+            files += 1;
+            wait_for_rows(&url, files * 10);
+        }
+        count(
+            &url,
+            "SELECT count(*) FROM pipeline.plugin_events WHERE kind = 'shadow_disabled'",
+        ) > 0
+    });
+    let log = host.stop();
+
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM ecommerce_events WHERE event_type = 'view_v1'"
+        ),
+        files * 10,
+        "every row written by the live version\n{log}"
+    );
+    // The live stage's own time in each batch, as the batch records say.
+    let slowest = count(
+        &url,
+        "SELECT coalesce(max((s->>'ms')::float), 0)::bigint FROM pipeline.batches, jsonb_array_elements(stages) s",
+    );
+    assert!(
+        slowest < limit_ms / 3,
+        "the live stage took {slowest} ms in one batch: it waited for its candidate\n{log}"
+    );
+    let failures = count(
+        &url,
+        "SELECT count(*) FROM pipeline.shadow_diffs WHERE error LIKE '%time limit%'",
+    );
+    assert!(
+        failures >= 1,
+        "the candidate's failures are recorded: {:?}\n{log}",
+        query(&url, "SELECT error FROM pipeline.shadow_diffs")
+    );
+    assert!(log.contains("shadow candidate failed"), "{log}");
+}
+
+#[test]
+fn a_shadow_candidate_that_sleeps_delays_nothing() {
+    a_misbehaving_shadow_candidate_delays_nothing("shadow-sleep", "sleep", "\"clock\"");
+}
+
+#[test]
+fn a_shadow_candidate_that_spins_delays_nothing() {
+    a_misbehaving_shadow_candidate_delays_nothing("shadow-spin", "loop", "");
 }

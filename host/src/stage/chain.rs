@@ -62,8 +62,13 @@ pub struct ChainOutput {
     pub events: Vec<Event>,
     pub rejections: Vec<StageRejection>,
     pub runs: Vec<StageRun>,
-    /// One per stage with a shadow candidate.
+    /// The shadow diffs finished since the last batch (a candidate runs
+    /// on its own thread).
     pub shadows: Vec<ShadowDiff>,
+    /// What happened to the stages' components since the last batch
+    /// (loaded, swapped, rolled back, a candidate started or disabled):
+    /// to commit with this batch.
+    pub plugin_events: Vec<PluginEvent>,
 }
 
 /// State of one stage, as committed with a batch.
@@ -296,6 +301,8 @@ pub struct Chain {
     /// Whether every batch goes to the shadow candidates, waiting for a
     /// busy one (see `compare_every_batch`).
     every_shadow_batch: bool,
+    /// Plugin events not yet handed out (`take_events`).
+    events: Vec<PluginEvent>,
 }
 
 impl Chain {
@@ -307,6 +314,7 @@ impl Chain {
         states: &HashMap<String, Vec<u8>>,
     ) -> Result<Chain, StageError> {
         let mut slots = Vec::with_capacity(plan.len());
+        let mut events = Vec::new();
         for prepared in plan {
             let state = states.get(&prepared.spec.name).cloned().unwrap_or_default();
             let slot = match Slot::start(&runtime, prepared.clone(), state) {
@@ -321,7 +329,7 @@ impl Chain {
                                 stage,
                                 "cannot restore the state committed for it ({message}); starting it with empty state (on-incompatible-state = reset)"
                             );
-                            events::record(
+                            events.push(
                                 PluginEvent::new(&stage, PluginEventKind::StateReset)
                                     .version(
                                         prepared
@@ -341,7 +349,7 @@ impl Chain {
                 }
                 Err(e) => return Err(e),
             };
-            events::record(
+            events.push(
                 PluginEvent::new(&slot.prepared.spec.name, PluginEventKind::Loaded)
                     .version(&slot.live.version(), &slot.prepared.component.hash),
             );
@@ -351,7 +359,18 @@ impl Chain {
             runtime,
             slots,
             every_shadow_batch: false,
+            events,
         })
+    }
+
+    /// The plugin events since the last call: the chain's own (start,
+    /// swaps, rollbacks) and its shadow candidates'.
+    pub fn take_events(&mut self) -> Vec<PluginEvent> {
+        let mut out = std::mem::take(&mut self.events);
+        for shadow in self.slots.iter().filter_map(|s| s.shadow.as_ref()) {
+            out.extend(shadow.take_events());
+        }
+        out
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -416,6 +435,7 @@ impl Chain {
             owned = Some(result.events);
         }
         out.events = owned.unwrap_or_else(|| events.to_vec());
+        out.plugin_events = self.take_events();
         out
     }
 
@@ -443,11 +463,11 @@ impl Chain {
                         hash = slot.prepared.component.short_hash(),
                         "new version rejected: failed its first batch: {err}; keeping the previous version"
                     );
-                    crate::metrics::global().plugin_rejected(slot.live.name(), "first_batch");
-                    events::record(
+                    self.events.push(
                         PluginEvent::new(slot.live.name(), PluginEventKind::Rejected)
                             .version(&slot.live.version(), &slot.prepared.component.hash)
-                            .reason(format!("failed its first batch: {err}")),
+                            .reason(format!("failed its first batch: {err}"))
+                            .cause("first_batch"),
                     );
                     if let Some(previous) = previous {
                         *slot = previous;
@@ -556,7 +576,8 @@ impl Chain {
                         slots.push(slot);
                     }
                     Err(reason) => {
-                        events::record(refused.reason(reason.clone()));
+                        self.events
+                            .push(refused.reason(reason.clone()).cause("start"));
                         report.refused.push((name, reason));
                         slots.push(previous);
                     }
@@ -567,15 +588,20 @@ impl Chain {
                         slots.push(slot);
                     }
                     Err(e) => {
-                        events::record(refused.reason(e.to_string()));
+                        self.events
+                            .push(refused.reason(e.to_string()).cause("start"));
                         report.refused.push((name, e.to_string()));
                     }
                 },
             }
         }
+        // What a removed or replaced stage's candidate said before it went.
+        for shadow in old.values().filter_map(|s| s.shadow.as_ref()) {
+            self.events.extend(shadow.take_events());
+        }
         report.removed = old.into_keys().collect();
         self.slots = slots;
-        events::record_swap(&report);
+        self.events.extend(events::of_swap(&report));
         report
     }
 

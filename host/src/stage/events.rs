@@ -1,15 +1,14 @@
-//! Plugin events (a version loaded, swapped in, promoted, rejected with
-//! its reason, removed) waiting to be written to `pipeline.plugin_events`.
+//! Plugin events: a version loaded, swapped in, promoted, rejected with
+//! its reason, removed; written to `pipeline.plugin_events`.
 //!
-//! Why a queue: events happen on the watcher thread (a file that does not
-//! load) and the stage thread (a swap, a refusal, a rollback), but the
-//! database is written by the sink. Each event is queued here and carried
-//! on the commit of the next batch, in the same transaction, so the
+//! Events are plain values that the stage side returns (in
+//! `ChainOutput`, `SwapReport`, and the plugin watcher's updates); no
+//! queue carries them behind the code's back. The stage thread carries
+//! each on the commit of the next batch, in the same transaction, so the
 //! history agrees with the batch records (a swap is recorded with the
-//! first batch the new version processed). Events recorded after the last
-//! batch of a run stay in the log only.
+//! first batch the new version processed), and the pipeline counts them
+//! in metrics. Events after the last batch of a run stay in the log only.
 
-use std::sync::Mutex;
 use std::time::SystemTime;
 
 /// What happened to a stage's component.
@@ -60,6 +59,9 @@ pub struct PluginEvent {
     pub version: Option<String>,
     pub hash: Option<String>,
     pub reason: Option<String>,
+    /// The class of failure of a rejection (`first_batch`, `wit_version`,
+    /// ...): the metrics label, not stored.
+    pub cause: Option<&'static str>,
 }
 
 impl PluginEvent {
@@ -71,6 +73,7 @@ impl PluginEvent {
             version: None,
             hash: None,
             reason: None,
+            cause: None,
         }
     }
 
@@ -84,34 +87,17 @@ impl PluginEvent {
         self.reason = Some(reason.into());
         self
     }
-}
 
-/// A bound on queued events, so a host that sees no batches for a long
-/// time while a broken file keeps changing does not grow without end.
-const MAX_PENDING: usize = 10_000;
-
-static PENDING: Mutex<Vec<PluginEvent>> = Mutex::new(Vec::new());
-
-/// Queues an event for the next commit.
-pub fn record(event: PluginEvent) {
-    if let Ok(mut pending) = PENDING.lock() {
-        if pending.len() < MAX_PENDING {
-            pending.push(event);
-        }
+    pub fn cause(mut self, cause: &'static str) -> PluginEvent {
+        self.cause = Some(cause);
+        self
     }
 }
 
-/// Takes the queued events, to be committed with a batch.
-pub fn drain() -> Vec<PluginEvent> {
-    match PENDING.lock() {
-        Ok(mut pending) if !pending.is_empty() => std::mem::take(&mut *pending),
-        _ => Vec::new(),
-    }
-}
-
-/// Queues the swaps and removals of an applied plan change (refusals
-/// are queued where they happen, with the refused version).
-pub fn record_swap(report: &super::chain::SwapReport) {
+/// The events of an applied plan change: its swaps and removals
+/// (refusals are recorded where they happen, with the refused version).
+pub fn of_swap(report: &super::chain::SwapReport) -> Vec<PluginEvent> {
+    let mut out = Vec::with_capacity(report.started.len() + report.removed.len());
     for v in &report.started {
         let kind = if report.promoted.contains(&v.name) {
             tracing::info!(stage = %v.name, version = %v.version, "shadow candidate promoted: now the live version");
@@ -119,9 +105,10 @@ pub fn record_swap(report: &super::chain::SwapReport) {
         } else {
             PluginEventKind::SwappedIn
         };
-        record(PluginEvent::new(&v.name, kind).version(&v.version, &v.hash));
+        out.push(PluginEvent::new(&v.name, kind).version(&v.version, &v.hash));
     }
     for name in &report.removed {
-        record(PluginEvent::new(name, PluginEventKind::Removed));
+        out.push(PluginEvent::new(name, PluginEventKind::Removed));
     }
+    out
 }

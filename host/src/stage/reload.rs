@@ -5,8 +5,8 @@
 //! manifest, and loads (compiles and type-checks) every component that
 //! changed, off the hot path. It then sends a complete plan to the stage
 //! thread, which applies it at the next batch boundary. A component that
-//! fails to load is rejected with a log line and a metric; its stage keeps
-//! the version it had. A file whose size or time still changes is waited
+//! fails to load is rejected with a log line and a plugin event (which the
+//! pipeline records and counts); its stage keeps the version it had. A file whose size or time still changes is waited
 //! for: a half-copied component is never loaded.
 
 use std::collections::HashMap;
@@ -17,13 +17,23 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::chain::Prepared;
-use super::events::{self, PluginEvent, PluginEventKind};
+use super::events::{PluginEvent, PluginEventKind};
 use super::manifest::{Manifest, StageSpec};
 use super::runtime::{LoadedComponent, Runtime};
-use super::shadow::{self, Candidate};
+use super::shadow::{self, Candidate, Unloaded};
 use super::StageError;
-use crate::metrics;
 use crate::watch::FolderWatch;
+
+/// What the plugin watcher tells the stage thread.
+pub enum Update {
+    /// A complete new plan, to apply at the next batch boundary.
+    Plan(Vec<Prepared>),
+    /// A component that did not load (its stage keeps its version): to
+    /// record with the next batch.
+    Rejected(PluginEvent),
+    /// The manifest does not parse; the stages keep running as they are.
+    ManifestInvalid,
+}
 
 /// How long a component file must be unchanged before it is loaded.
 const QUIET: Duration = Duration::from_millis(300);
@@ -49,6 +59,8 @@ pub struct Loader {
     loaded: HashMap<PathBuf, (FileStamp, Arc<LoadedComponent>)>,
     /// Files that failed, so the same broken file is reported once.
     failed: HashMap<PathBuf, FileStamp>,
+    /// Rejections reported since the last `take_rejections`.
+    rejections: Vec<PluginEvent>,
 }
 
 impl Loader {
@@ -57,7 +69,13 @@ impl Loader {
             runtime,
             loaded: HashMap::new(),
             failed: HashMap::new(),
+            rejections: Vec::new(),
         }
+    }
+
+    /// The components rejected since the last call, as plugin events.
+    pub fn take_rejections(&mut self) -> Vec<PluginEvent> {
+        std::mem::take(&mut self.rejections)
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
@@ -99,21 +117,11 @@ impl Loader {
             .collect()
     }
 
-    /// Loads the stage's shadow candidate, if it names one.
+    /// Loads the stage's shadow candidate, if it names one. One that does
+    /// not load is reported when its worker starts (`shadow_rejected`).
     fn candidate(&mut self, spec: &StageSpec) -> Option<Candidate> {
         let path = spec.shadow.as_ref()?;
-        Some(match self.load(path) {
-            Ok(component) => {
-                self.failed.remove(path);
-                Ok(component)
-            }
-            Err(e) => {
-                if self.first_failure(path) {
-                    metrics::global().shadow_failure(&spec.name, e.kind());
-                }
-                Err(e.to_string())
-            }
-        })
+        Some(self.load(path).map_err(|e| Unloaded::from(&e)))
     }
 
     /// Builds the plan for a changed manifest. A stage whose component
@@ -150,9 +158,10 @@ impl Loader {
             return;
         }
         tracing::error!(stage = %spec.name, file = %spec.component.display(), "component rejected, the stage keeps its current version: {e}");
-        metrics::global().plugin_rejected(&spec.name, e.kind());
-        events::record(
-            PluginEvent::new(&spec.name, PluginEventKind::Rejected).reason(e.to_string()),
+        self.rejections.push(
+            PluginEvent::new(&spec.name, PluginEventKind::Rejected)
+                .reason(e.to_string())
+                .cause(e.kind()),
         );
     }
 
@@ -191,7 +200,7 @@ pub fn watch(
     mut loader: Loader,
     plugins_dir: PathBuf,
     mut current: Vec<Prepared>,
-    plans: mpsc::Sender<Vec<Prepared>>,
+    updates: mpsc::Sender<Update>,
     shutdown: Arc<AtomicBool>,
 ) {
     let watch = FolderWatch::new(&plugins_dir).unwrap_or_else(|e| {
@@ -216,13 +225,21 @@ pub fn watch(
                 let text = e.to_string();
                 if last_manifest_error.as_ref() != Some(&text) {
                     tracing::error!("{text}; keeping the current stages");
-                    metrics::global().plugin_rejected("manifest", "invalid");
                     last_manifest_error = Some(text);
+                    if updates.send(Update::ManifestInvalid).is_err() {
+                        return;
+                    }
                 }
                 continue;
             }
         };
-        let Some(plan) = loader.replan(&manifest, &current) else {
+        let plan = loader.replan(&manifest, &current);
+        for event in loader.take_rejections() {
+            if updates.send(Update::Rejected(event)).is_err() {
+                return;
+            }
+        }
+        let Some(plan) = plan else {
             continue;
         };
         let changed = plan.len() != current.len()
@@ -235,7 +252,7 @@ pub fn watch(
             let names: Vec<&str> = plan.iter().map(|p| p.spec.name.as_str()).collect();
             tracing::info!(stages = %names.join(","), "stage plan ready: it takes effect at the next batch boundary");
             current = plan.clone();
-            if plans.send(plan).is_err() {
+            if updates.send(Update::Plan(plan)).is_err() {
                 return;
             }
         }

@@ -37,17 +37,34 @@ use std::time::{Duration, Instant};
 
 use super::bindings::{BatchResult, Event};
 use super::chain::StageVersion;
-use super::events::{self, PluginEvent, PluginEventKind};
+use super::events::{PluginEvent, PluginEventKind};
 use super::instance::StageInstance;
 use super::manifest::{OnIncompatibleState, StageSpec};
 use super::output;
 use super::runtime::{LoadedComponent, Runtime};
 use super::StageError;
-use crate::metrics;
 
 /// A candidate component as the loader left it: loaded and checked, or
-/// the reason it is not.
-pub type Candidate = Result<Arc<LoadedComponent>, String>;
+/// why it is not.
+pub type Candidate = Result<Arc<LoadedComponent>, Unloaded>;
+
+/// Why a candidate's file did not load.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Unloaded {
+    /// The class of failure ([`StageError::kind`]): the metrics label.
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl From<&StageError> for Unloaded {
+    fn from(e: &StageError) -> Unloaded {
+        Unloaded {
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
 
 /// Whether two loads of a stage's candidate are the same version.
 pub fn same_candidate(a: Option<&Candidate>, b: Option<&Candidate>) -> bool {
@@ -119,6 +136,9 @@ pub struct ShadowDiff {
     /// Up to `SAMPLES_PER_KIND` disagreeing events per kind.
     pub samples: Vec<DiffSample>,
     pub error: Option<String>,
+    /// The class of `error` (a [`StageError::kind`], or `unavailable` for
+    /// a candidate that could not start): the metrics label.
+    pub error_kind: Option<&'static str>,
     pub elapsed: Duration,
 }
 
@@ -262,12 +282,13 @@ impl Shadow {
     /// Starts the candidate of `live` (whose manifest entry names it) with
     /// `state`, the live version's state. Never fails: a candidate that
     /// cannot start is kept as broken and reported with every batch.
+    /// Returns it with the plugin event that says how it started.
     pub fn start(
         runtime: &Runtime,
         live: &Arc<StageSpec>,
         candidate: Candidate,
         state: &[u8],
-    ) -> Shadow {
+    ) -> (Shadow, PluginEvent) {
         let mut spec = (**live).clone();
         if let Ok(c) = &candidate {
             spec.component = c.path.clone();
@@ -284,7 +305,7 @@ impl Shadow {
         };
         shadow.restart(runtime, state);
         let name = &shadow.spec.name;
-        let event = match (&shadow.broken, &shadow.candidate) {
+        let started = match (&shadow.broken, &shadow.candidate) {
             (None, Ok(c)) => {
                 tracing::info!(stage = %name, candidate = %c.path.display(), hash = c.short_hash(), "shadow candidate started beside the live version");
                 PluginEvent::new(name, PluginEventKind::ShadowStarted)
@@ -296,13 +317,12 @@ impl Shadow {
                 shadow.last_logged = Some(reason.clone());
                 let event = PluginEvent::new(name, PluginEventKind::ShadowRejected).reason(reason);
                 match candidate {
-                    Ok(c) => event.version(c.short_hash(), &c.hash),
-                    Err(_) => event,
+                    Ok(c) => event.version(c.short_hash(), &c.hash).cause("start"),
+                    Err(unloaded) => event.cause(unloaded.kind),
                 }
             }
         };
-        events::record(event);
-        shadow
+        (shadow, started)
     }
 
     pub fn candidate(&self) -> &Candidate {
@@ -383,8 +403,8 @@ impl Shadow {
             self.restart(runtime, live_state);
         }
         let outcome = match (&mut self.instance, &self.broken) {
-            (_, Some(reason)) => Err(reason.clone()),
-            (None, None) => Err("candidate has no instance".to_owned()),
+            (_, Some(reason)) => Err(("unavailable", reason.clone())),
+            (None, None) => Err(("unavailable", "candidate has no instance".to_owned())),
             (Some(instance), None) => instance
                 .process(input)
                 .and_then(|result| {
@@ -399,28 +419,26 @@ impl Shadow {
                     // The next batch starts a fresh instance: this one's
                     // state may be half-changed.
                     instance.retire();
-                    let kind = e.kind();
-                    metrics::global().shadow_failure(&self.spec.name, kind);
-                    e.to_string()
+                    (e.kind(), e.to_string())
                 }),
         };
         let (counts, samples, error) = match outcome {
             Ok(result) => {
                 let (counts, samples) = compare(live, live_failed, &result, SAMPLES_PER_KIND);
-                metrics::global().shadow_rows(&self.spec.name, &counts);
                 self.last_logged = None;
                 (Some(counts), samples, None)
             }
-            Err(reason) => {
-                if self.broken.is_some() {
-                    metrics::global().shadow_failure(&self.spec.name, "unavailable");
-                }
+            Err((kind, reason)) => {
                 if self.last_logged.as_ref() != Some(&reason) {
                     tracing::warn!(stage = %self.spec.name, candidate = %self.version(), "shadow candidate failed (the live version is not affected): {reason}");
                     self.last_logged = Some(reason.clone());
                 }
-                (None, Vec::new(), Some(reason))
+                (None, Vec::new(), Some((kind, reason)))
             }
+        };
+        let (error_kind, error) = match error {
+            Some((kind, reason)) => (Some(kind), Some(reason)),
+            None => (None, None),
         };
         ShadowDiff {
             stage: self.spec.name.clone(),
@@ -431,6 +449,7 @@ impl Shadow {
             counts,
             samples,
             error,
+            error_kind,
             elapsed: started.elapsed(),
         }
     }
@@ -454,6 +473,9 @@ pub struct ShadowWorker {
     candidate: Candidate,
     jobs: mpsc::SyncSender<Job>,
     diffs: mpsc::Receiver<ShadowDiff>,
+    /// The candidate's plugin events (started or not, disabled): a few per
+    /// worker, never dropped.
+    events: mpsc::Receiver<PluginEvent>,
     /// Batches handed over whose diff has not been collected yet.
     pending: std::cell::Cell<usize>,
     limit: Duration,
@@ -470,13 +492,15 @@ impl ShadowWorker {
     ) -> ShadowWorker {
         let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
         let (diff_tx, diffs) = mpsc::sync_channel::<ShadowDiff>(4);
+        let (event_tx, events) = mpsc::channel::<PluginEvent>();
         let theirs = candidate.clone();
         let name = live.name.clone();
         let limit = live.limits.time_per_batch;
         let spawned = std::thread::Builder::new()
             .name(format!("shadow-{name}"))
             .spawn(move || {
-                let mut shadow = Shadow::start(&runtime, &live, theirs, &state);
+                let (mut shadow, started) = Shadow::start(&runtime, &live, theirs, &state);
+                let _ = event_tx.send(started);
                 let mut failures = 0u32;
                 for job in job_rx {
                     let diff = shadow.run(
@@ -503,13 +527,13 @@ impl ShadowWorker {
                             reason.unwrap_or_default()
                         );
                         tracing::error!(stage = %live.name, "shadow candidate {reason} (the live version is not affected)");
-                        metrics::global().shadow_failure(&live.name, "disabled");
                         let mut event = PluginEvent::new(&live.name, PluginEventKind::ShadowDisabled)
-                            .reason(reason);
+                            .reason(reason)
+                            .cause("disabled");
                         if let Ok(c) = shadow.candidate() {
                             event = event.version(c.short_hash(), &c.hash);
                         }
-                        events::record(event);
+                        let _ = event_tx.send(event);
                         return;
                     }
                 }
@@ -521,6 +545,7 @@ impl ShadowWorker {
             candidate,
             jobs,
             diffs,
+            events,
             pending: std::cell::Cell::new(0),
             limit,
         }
@@ -558,6 +583,11 @@ impl ShadowWorker {
         if sent {
             self.pending.set(self.pending.get() + 1);
         }
+    }
+
+    /// The plugin events the candidate reported since the last call.
+    pub fn take_events(&self) -> Vec<PluginEvent> {
+        self.events.try_iter().collect()
     }
 
     /// The diffs finished since the last call.
