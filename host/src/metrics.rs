@@ -184,14 +184,13 @@ impl Metrics {
         }
     }
 
-    /// `None` when healthy, else the reasons.
+    /// `None` when healthy, else the reasons, one line per part.
     pub fn health(&self) -> Option<String> {
-        let mut reasons: Vec<String> = self
-            .problems
-            .lock()
-            .map(|m| m.iter().map(|(k, v)| format!("{k}: {v}")).collect())
-            .unwrap_or_default();
-        if self.db_down.load(Ordering::Relaxed) {
+        let problems = self.problems.lock().map(|m| m.clone()).unwrap_or_default();
+        let mut reasons: Vec<String> = problems.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        // The sink's own line says more than this generic one: one line
+        // for the database, not two.
+        if self.db_down.load(Ordering::Relaxed) && !problems.contains_key("database") {
             reasons.push("database: unreachable, retrying".into());
         }
         (!reasons.is_empty()).then(|| reasons.join("\n"))
@@ -351,6 +350,24 @@ pub fn label(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_database_outage_is_one_line_of_health() {
+        let m = super::Metrics::default();
+        m.set_db_down(true);
+        assert_eq!(
+            m.health().as_deref(),
+            Some("database: unreachable, retrying")
+        );
+        m.set_problem("database", Some("cannot commit: connection refused".into()));
+        assert_eq!(
+            m.health().as_deref(),
+            Some("database: cannot commit: connection refused")
+        );
+        m.set_db_down(false);
+        m.set_problem("database", None);
+        assert_eq!(m.health(), None);
+    }
+
     use super::*;
 
     #[test]
