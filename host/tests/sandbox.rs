@@ -442,3 +442,73 @@ fn a_shadow_candidate_that_sleeps_delays_nothing() {
 fn a_shadow_candidate_that_spins_delays_nothing() {
     a_misbehaving_shadow_candidate_delays_nothing("shadow-spin", "loop", "");
 }
+
+/// A pause and a failed probe leave no trace in a counting stage in front
+/// of the stage that fails: its committed count is the events of the
+/// committed batches only (the held batch, run twice on the way, is
+/// counted once, when it is committed).
+#[test]
+fn a_counting_stage_counts_a_held_batch_once_through_a_pause_and_a_failed_probe() {
+    let dir = scratch("counter-pause");
+    let manifest = |second: &str, mode: &str| {
+        format!(
+            "[[stage]]\nname = \"counter\"\ncomponent = \"counter.wasm\"\n\
+             [[stage]]\nname = \"faulty\"\ncomponent = \"{second}\"\n[stage.config]\nmode = \"{mode}\"\n"
+        )
+    };
+    let plugins = plugins_with(
+        &dir,
+        &[
+            (&fixtures_dir().join("counter_v1.wasm"), "counter.wasm"),
+            (&fixtures_dir().join("faulty.wasm"), "faulty.wasm"),
+            (&fixtures_dir().join("marker_v1.wasm"), "marker.wasm"),
+        ],
+        &manifest("faulty.wasm", "fail"),
+    );
+    let input = dir.join("input");
+    write_csv(
+        &input,
+        "a.csv",
+        &(0..200).map(|_| row(1, 1)).collect::<Vec<_>>(),
+    );
+    let url = fresh_db("counter_pause");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mut cmd = host();
+    cmd.args(run_args(&plugins, &input, &url, &state)).args([
+        "--batch-size",
+        "20",
+        "--snapshot-interval",
+        "0",
+    ]);
+    let mut host = Running::spawn(cmd, &state.join("host.log"));
+
+    // Three batches fail wholly in `faulty`: committed (quarantined),
+    // counted; the fourth is held.
+    host.wait_for_log("paused the input", 1);
+    let failed = || count(&url, "SELECT count(*) FROM pipeline.quarantine");
+    wait_for("three quarantined batches", failed, |n| *n >= 60);
+    // A new version that fails all of the held batch too: rewound.
+    std::fs::write(
+        plugins.join("pipeline.toml"),
+        manifest("faulty.wasm", "fail")
+            .replace("mode = \"fail\"", "mode = \"fail\"\nagain = \"1\""),
+    )
+    .unwrap();
+    host.wait_for_log("fails every event of the held batch too", 1);
+    // A working second stage: the held batch and the rest go through.
+    std::fs::write(
+        plugins.join("pipeline.toml"),
+        manifest("marker.wasm", "pass"),
+    )
+    .unwrap();
+    wait_for_rows(&url, 140);
+    let log = host.stop();
+
+    assert_eq!(failed(), 60, "{log}");
+    assert_eq!(
+        committed_count(&url),
+        200,
+        "every event counted once, the held batch too\n{log}"
+    );
+}
