@@ -114,8 +114,8 @@ impl Metrics {
         self.set_problem(&format!("stage {stage}"), why);
     }
 
-    /// Counts a shadow comparison, row by row, per kind of difference.
-    /// Rows a shadow comparison counted, by kind (`kept_both`, `changed`, ...).
+    /// Counts a shadow comparison, row by row, per kind of difference
+    /// (`kept_both`, `changed`, ...).
     pub fn shadow_rows(
         &self,
         stage: &str,
@@ -350,9 +350,11 @@ pub fn label(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_database_outage_is_one_line_of_health() {
-        let m = super::Metrics::default();
+        let m = Metrics::default();
         m.set_db_down(true);
         assert_eq!(
             m.health().as_deref(),
@@ -367,8 +369,6 @@ mod tests {
         m.set_problem("database", None);
         assert_eq!(m.health(), None);
     }
-
-    use super::*;
 
     #[test]
     fn label_values_are_escaped() {

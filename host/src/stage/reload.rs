@@ -6,8 +6,9 @@
 //! changed, off the hot path. It then sends a complete plan to the stage
 //! thread, which applies it at the next batch boundary. A component that
 //! fails to load is rejected with a log line and a plugin event (which the
-//! pipeline records and counts); its stage keeps the version it had. A file whose size or time still changes is waited
-//! for: a half-copied component is never loaded.
+//! pipeline records and counts); its stage keeps the version it had. A
+//! file whose size or time still changes is waited for: a half-copied
+//! component is never loaded.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -422,23 +422,19 @@ impl Shadow {
                     (e.kind(), e.to_string())
                 }),
         };
-        let (counts, samples, error) = match outcome {
+        let (counts, samples, error_kind, error) = match outcome {
             Ok(result) => {
                 let (counts, samples) = compare(live, live_failed, &result, SAMPLES_PER_KIND);
                 self.last_logged = None;
-                (Some(counts), samples, None)
+                (Some(counts), samples, None, None)
             }
             Err((kind, reason)) => {
                 if self.last_logged.as_ref() != Some(&reason) {
                     tracing::warn!(stage = %self.spec.name, candidate = %self.version(), "shadow candidate failed (the live version is not affected): {reason}");
                     self.last_logged = Some(reason.clone());
                 }
-                (None, Vec::new(), Some((kind, reason)))
+                (None, Vec::new(), Some(kind), Some(reason))
             }
-        };
-        let (error_kind, error) = match error {
-            Some((kind, reason)) => (Some(kind), Some(reason)),
-            None => (None, None),
         };
         ShadowDiff {
             stage: self.spec.name.clone(),
