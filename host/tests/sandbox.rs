@@ -387,16 +387,17 @@ fn a_misbehaving_shadow_candidate_delays_nothing(name: &str, mode: &str, grants:
         .args(["--batch-size", "10"]);
     let mut host = Running::spawn(cmd, &state.join("host.log"));
     // One file of ten events (one of them user 666) at a time, each waited
-    // for, until the candidate has failed enough batches to be disabled.
+    // for, until the candidate has failed enough batches to be disabled
+    // and a batch after that has committed the event: it goes on until
+    // then, however long the candidate's failures take on a busy machine.
     let mut files = 0;
     host.wait_until("the candidate disabled", || {
-        if files < 200 {
-            let mut rows: Vec<String> = (0..10).map(|_| row(1, 1)).collect();
-            rows[4] = row(666, 1);
-            write_csv(&input, &format!("f{files:03}.csv"), &rows);
-            files += 1;
-            wait_for_rows(&url, files * 10);
-        }
+        let mut rows: Vec<String> = (0..10).map(|_| row(1, 1)).collect();
+        rows[4] = row(666, 1);
+        write_csv(&input, &format!("f{files:05}.csv"), &rows);
+        files += 1;
+        wait_for_rows(&url, files * 10);
+        std::thread::sleep(Duration::from_millis(50));
         count(
             &url,
             "SELECT count(*) FROM pipeline.plugin_events WHERE kind = 'shadow_disabled'",
