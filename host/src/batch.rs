@@ -108,11 +108,12 @@ impl Batcher {
     }
 
     /// Adds one parsed record and the file position after it. Returns the
-    /// batch when it is full.
+    /// batch when it is full. The position is borrowed: it is copied only
+    /// the first time the batch meets its file, not once per record.
     pub fn push(
         &mut self,
         record: Result<(Event, Origin), Malformed>,
-        position: Position,
+        position: &Position,
     ) -> Option<Batch> {
         let batch = self.current.get_or_insert_with(Batch::new);
         match record {
@@ -129,7 +130,9 @@ impl Batcher {
                 p.reads = position.reads;
             }
             None => {
-                batch.positions.insert(position.key.clone(), position);
+                batch
+                    .positions
+                    .insert(position.key.clone(), position.clone());
             }
         }
         if batch.rows() >= self.max_rows {
@@ -192,9 +195,9 @@ mod tests {
     #[test]
     fn closes_at_max_rows_with_last_position_per_file() {
         let mut b = Batcher::new(3, Duration::from_secs(60));
-        assert!(b.push(Ok(event(1)), at("a", 10)).is_none());
-        assert!(b.push(Ok(event(2)), at("b", 5)).is_none());
-        let batch = b.push(Ok(event(3)), at("a", 20)).expect("full");
+        assert!(b.push(Ok(event(1)), &at("a", 10)).is_none());
+        assert!(b.push(Ok(event(2)), &at("b", 5)).is_none());
+        let batch = b.push(Ok(event(3)), &at("a", 20)).expect("full");
         assert_eq!(batch.events.len(), 3);
         assert_eq!(batch.positions["a"].offset, 20);
         assert_eq!(batch.positions["b"].offset, 5);
@@ -212,8 +215,8 @@ mod tests {
                 reason: "bad".into(),
             },
         };
-        assert!(b.push(Err(bad), at("a", 1)).is_none());
-        let batch = b.push(Ok(event(2)), at("a", 2)).expect("full");
+        assert!(b.push(Err(bad), &at("a", 1)).is_none());
+        let batch = b.push(Ok(event(2)), &at("a", 2)).expect("full");
         assert_eq!(batch.malformed.len(), 1);
         assert_eq!(batch.events.len(), 1);
     }
@@ -222,7 +225,7 @@ mod tests {
     fn closes_at_its_age() {
         let mut b = Batcher::new(100, Duration::from_millis(50));
         assert!(b.deadline().is_none());
-        b.push(Ok(event(1)), at("a", 1));
+        b.push(Ok(event(1)), &at("a", 1));
         let opened = b.deadline().unwrap() - Duration::from_millis(50);
         assert!(b.take_due(opened + Duration::from_millis(10)).is_none());
         assert!(b.take_due(opened + Duration::from_millis(50)).is_some());
@@ -240,7 +243,7 @@ mod tests {
             for (n, f) in files.iter().enumerate() {
                 offsets[*f as usize] += 1;
                 let key = format!("f{f}");
-                if let Some(batch) = b.push(Ok(event(n as u32)), at(&key, offsets[*f as usize])) {
+                if let Some(batch) = b.push(Ok(event(n as u32)), &at(&key, offsets[*f as usize])) {
                     batches.push(batch);
                 }
             }

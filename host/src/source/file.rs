@@ -297,7 +297,7 @@ impl Tracked {
             file: self.path.clone(),
             row: crate::parse::BadRow { line, raw, reason },
         });
-        let full = outlet.batcher.push(record, position);
+        let full = outlet.batcher.push(record, &position);
         outlet.send(full);
     }
 
@@ -305,17 +305,19 @@ impl Tracked {
         let base_offset = self.offset;
         let base_line = self.line;
         let path = &self.path;
-        let key = &self.key;
-        let reads = self.reads;
         let chunk = &self.buf[..upto];
+        // One position per chunk, moved on per record: the batcher copies
+        // it only for a file it has not met in the batch yet.
+        let mut position = Position {
+            key: self.key.clone(),
+            path: path.clone(),
+            offset: base_offset,
+            line: base_line,
+            reads: self.reads,
+        };
         self.parser.parse(chunk, base_line + 1, is_final, |parsed| {
-            let position = Position {
-                key: key.clone(),
-                path: path.clone(),
-                offset: base_offset + parsed.end as u64,
-                line: base_line + parsed.lines,
-                reads,
-            };
+            position.offset = base_offset + parsed.end as u64;
+            position.line = base_line + parsed.lines;
             let record = match parsed.result {
                 Ok(event) => {
                     let origin = Origin {
@@ -329,7 +331,7 @@ impl Tracked {
                     row,
                 }),
             };
-            let full = outlet.batcher.push(record, position);
+            let full = outlet.batcher.push(record, &position);
             outlet.send(full);
         })
     }
