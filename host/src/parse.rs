@@ -241,23 +241,31 @@ pub fn parse_event(record: &csv::ByteRecord, layout: &Layout) -> Result<Event, S
             record.len()
         ));
     }
+    // One UTF-8 check for the whole record; a field is checked on its own
+    // only when that fails or its bounds split a character, to say which.
+    let whole = std::str::from_utf8(record.as_slice()).ok();
     let field = |i: usize| -> Result<&str, String> {
-        let bytes = &record[layout.index[i]];
-        std::str::from_utf8(bytes)
-            .map(|s| s.trim().trim_start_matches('\u{feff}'))
-            .map_err(|e| {
+        let index = layout.index[i];
+        let text = match whole.and_then(|w| w.get(record.range(index)?)) {
+            Some(text) => text,
+            None => std::str::from_utf8(&record[index]).map_err(|e| {
                 format!(
                     "{} is not valid UTF-8 (bad byte at offset {})",
                     COLUMNS[i],
                     e.valid_up_to()
                 )
-            })
+            })?,
+        };
+        Ok(text.trim().trim_start_matches('\u{feff}'))
     };
     let event_id = field(0)?;
-    let event_id = uuid::Uuid::try_parse(event_id)
-        .map_err(|_| format!("event_id {event_id:?} is not a UUID"))?
-        .hyphenated()
-        .to_string();
+    let mut hyphenated = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let event_id = String::from(
+        &*uuid::Uuid::try_parse(event_id)
+            .map_err(|_| format!("event_id {event_id:?} is not a UUID"))?
+            .hyphenated()
+            .encode_lower(&mut hyphenated),
+    );
     let event = Event {
         event_id,
         user_id: parse_int(field(1)?, "user_id")?,
@@ -300,11 +308,15 @@ pub fn parse_price_cents(text: &str) -> Result<i64, String> {
     } else {
         whole.parse().map_err(|_| bad())?
     };
-    let mut cents_part = significant.to_owned();
-    while cents_part.len() < 2 {
-        cents_part.push('0');
-    }
-    let cents: i64 = cents_part.parse().map_err(|_| bad())?;
+    // At most two digits, all ASCII digits: "5" is 50 cents, "05" is 5.
+    let digits = significant
+        .bytes()
+        .fold(0i64, |n, b| n * 10 + i64::from(b - b'0'));
+    let cents = if significant.len() == 1 {
+        digits * 10
+    } else {
+        digits
+    };
     let value = whole
         .checked_mul(100)
         .and_then(|w| w.checked_add(cents))
@@ -435,6 +447,25 @@ mod tests {
     }
 
     #[test]
+    fn a_character_split_across_two_fields_is_reported_in_the_first() {
+        // The fields' bytes, without the comma, make a valid "é": the
+        // record is checked as a whole, and each field's bounds too.
+        let mut bytes: Vec<u8> = format!("{ID},1,view").into_bytes();
+        bytes.push(0xc3);
+        bytes.push(b',');
+        bytes.push(0xa9);
+        bytes.extend_from_slice(b"2,3.00,2026-01-05T00:00:00Z\n");
+        let mut parser = FileParser::default();
+        let mut rows = Vec::new();
+        parser.parse(&bytes, 1, false, |p| rows.push(p));
+        let reason = &rows[0].result.as_ref().unwrap_err().reason;
+        assert!(
+            reason.starts_with("event_type is not valid UTF-8"),
+            "{reason}"
+        );
+    }
+
+    #[test]
     fn incomplete_last_line_is_left_for_later() {
         let full = format!("{ID},1,view,2,3.00,2026-01-05T00:00:00Z\n");
         let text = format!("{full}{ID},1,vi");
@@ -491,6 +522,9 @@ mod tests {
         assert_eq!(parse_price_cents("0.5"), Ok(50));
         assert_eq!(parse_price_cents("-1.25"), Ok(-125));
         assert_eq!(parse_price_cents("1.50000"), Ok(150));
+        assert_eq!(parse_price_cents("0.05"), Ok(5));
+        assert_eq!(parse_price_cents("7."), Ok(700));
+        assert_eq!(parse_price_cents(".1"), Ok(10));
         assert!(parse_price_cents("1.234").is_err());
         assert!(parse_price_cents("1e3").is_err());
         assert!(parse_price_cents("").is_err());
