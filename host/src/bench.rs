@@ -6,16 +6,19 @@
 //! 2. the ceiling: one binary `COPY` of the same rows, in the same order,
 //!    into an empty copy of the table (with `--preload`, into a copy that
 //!    already holds that many rows, like the pipeline's table);
-//! 3. the pipeline: `host run --once` over the files, with the plugins
-//!    folder's stages, into the table; events/s, the ratio to the ceiling,
-//!    time per part (from the batch records) and the peak RSS;
-//! 4. start-up: `host run` started with one file waiting, until its rows
+//! 3. the two-session ceiling: the same rows split in two halves (each in
+//!    the same order), copied at the same time on two connections into a
+//!    second such copy: what the server does with two writers;
+//! 4. the pipeline: `host run --once` over the files, with the plugins
+//!    folder's stages, into the table; events/s, the ratio to both
+//!    ceilings, time per part (from the batch records) and the peak RSS;
+//! 5. start-up: `host run` started with one file waiting, until its rows
 //!    are visible (compiled components cached; the database is external);
-//! 5. latency: files renamed into the input folder of a running host, at
+//! 6. latency: files renamed into the input folder of a running host, at
 //!    the generator's rate and at 10,000 events/s; per file, the time from
 //!    the rename until its last row is visible to another connection;
 //!    p50, p99, max; and the host's RSS while idle;
-//! 6. CPU: user + system seconds per million events of step 3, the host's
+//! 7. CPU: user + system seconds per million events of step 4, the host's
 //!    (from `getrusage` of its children) and the PostgreSQL server's (its
 //!    process tree in /proc, when it runs here); and the running host's
 //!    share of a core over 10 s idle and while files arrive at the seed's
@@ -89,6 +92,11 @@ pub struct Report {
     pub pipeline_s: f64,
     pub pipeline_eps: f64,
     pub ratio: f64,
+    /// The same rows in two parallel COPYs on two connections.
+    pub ceiling2_s: f64,
+    pub ceiling2_eps: f64,
+    /// The pipeline's events/s over the two-session ceiling's.
+    pub ratio2: f64,
     /// Sums over the batch records; the parts overlap in time.
     pub read_parse_s: f64,
     pub stage_s: Vec<(String, f64)>,
@@ -161,6 +169,7 @@ pub fn run(config: BenchConfig) -> anyhow::Result<Report> {
             .context("cannot write the input files")?;
     }
     let rows = distinct_rows_in_order(&input)?;
+    let row_count = rows.len() as f64;
 
     let db = format!("bench_{}", std::process::id());
     let url = database_url(&config.admin_url, &db);
@@ -181,10 +190,19 @@ pub fn run(config: BenchConfig) -> anyhow::Result<Report> {
         let started = Instant::now();
         copy_rows(&client, "ceiling", &rows).await?;
         report.ceiling_s = started.elapsed().as_secs_f64();
+        // Each measurement starts from a checkpoint, not from the dirty
+        // pages and WAL of the one before.
+        client.batch_execute("CHECKPOINT").await?;
+        eprintln!(
+            "ceiling: two parallel COPYs of {} rows each",
+            rows.len() / 2
+        );
+        report.ceiling2_s = copy_in_two_sessions(&url, rows).await?;
+        client.batch_execute("CHECKPOINT").await?;
         anyhow::Ok(())
     })?;
-    report.ceiling_eps = rows.len() as f64 / report.ceiling_s;
-    drop(rows);
+    report.ceiling_eps = row_count / report.ceiling_s;
+    report.ceiling2_eps = row_count / report.ceiling2_s;
 
     // The child shows its own progress (a bar on a terminal) on the
     // stderr it inherits.
@@ -213,6 +231,7 @@ pub fn run(config: BenchConfig) -> anyhow::Result<Report> {
     }
     report.pipeline_eps = config.events as f64 / report.pipeline_s;
     report.ratio = report.pipeline_eps / report.ceiling_eps;
+    report.ratio2 = report.pipeline_eps / report.ceiling2_eps;
     report.peak_rss_mb = peak_kb as f64 / 1024.0;
     runtime.block_on(parts(&url, config.preload, &mut report))?;
 
@@ -294,7 +313,8 @@ async fn prepare_tables(client: &Client, preload: usize) -> anyhow::Result<()> {
     client
         .batch_execute(
             "ALTER TABLE ecommerce_events DROP CONSTRAINT ecommerce_events_pkey;
-             CREATE TABLE ceiling (LIKE ecommerce_events INCLUDING ALL);",
+             CREATE TABLE ceiling (LIKE ecommerce_events INCLUDING ALL);
+             CREATE TABLE ceiling2 (LIKE ecommerce_events INCLUDING ALL);",
         )
         .await?;
     if preload > 0 {
@@ -322,19 +342,43 @@ async fn prepare_tables(client: &Client, preload: usize) -> anyhow::Result<()> {
             left -= chunk.len();
         }
         client
-            .batch_execute("INSERT INTO ecommerce_events SELECT * FROM ceiling")
+            .batch_execute(
+                "INSERT INTO ecommerce_events SELECT * FROM ceiling;
+                 INSERT INTO ceiling2 SELECT * FROM ceiling;",
+            )
             .await?;
     }
     for statement in [
         "ALTER TABLE ceiling ADD PRIMARY KEY (event_id)",
+        "ALTER TABLE ceiling2 ADD PRIMARY KEY (event_id)",
         "ALTER TABLE ecommerce_events ADD CONSTRAINT ecommerce_events_pkey PRIMARY KEY (event_id)",
         "VACUUM ANALYZE ceiling",
+        "VACUUM ANALYZE ceiling2",
         "VACUUM ANALYZE ecommerce_events",
         "CHECKPOINT",
     ] {
         client.batch_execute(statement).await?;
     }
     Ok(())
+}
+
+/// The two-session ceiling: the first half of `rows` and the second,
+/// each in its order, copied into `ceiling2` at the same time on two
+/// connections (each on its own task, so the encoding of one does not
+/// wait for the other). Returns the seconds until both are done.
+async fn copy_in_two_sessions(url: &str, rows: Vec<Event>) -> anyhow::Result<f64> {
+    let mut first = rows;
+    let second = first.split_off(first.len() / 2);
+    let (a, b) = (connect(url).await?, connect(url).await?);
+    let started = Instant::now();
+    let copy = |client: Client, rows: Vec<Event>| {
+        tokio::spawn(async move { copy_rows(&client, "ceiling2", &rows).await })
+    };
+    let (first, second) = (copy(a, first), copy(b, second));
+    let (first, second) = (first.await, second.await);
+    first.context("the first COPY session failed to run")??;
+    second.context("the second COPY session failed to run")??;
+    Ok(started.elapsed().as_secs_f64())
 }
 
 /// One binary COPY of `rows` into `table`, sent in pieces.
@@ -848,7 +892,12 @@ fn print(r: &Report) {
         "pipeline (host run --once)",
         format!("{:.2} s   {:.0} events/s", r.pipeline_s, r.pipeline_eps),
     );
+    line(
+        "COPY ceiling, two sessions",
+        format!("{:.2} s   {:.0} events/s", r.ceiling2_s, r.ceiling2_eps),
+    );
     line("ratio to the ceiling", format!("{:.2}", r.ratio));
+    line("ratio to two-session ceiling", format!("{:.2}", r.ratio2));
     line(
         "parts (summed, they overlap)",
         format!("{} batches", r.batches),

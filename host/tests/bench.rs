@@ -28,6 +28,8 @@ fn bench_measures_every_part_and_writes_the_right_rows() {
     for label in [
         "COPY ceiling",
         "ratio to the ceiling",
+        "COPY ceiling, two sessions",
+        "ratio to two-session ceiling",
         "peak RSS",
         "start to first commit",
         "p99",
@@ -44,6 +46,8 @@ fn bench_measures_every_part_and_writes_the_right_rows() {
     assert_eq!(report["rows_written"], expected.rows.len() as i64);
     for key in [
         "ceiling_eps",
+        "ceiling2_eps",
+        "ratio2",
         "pipeline_eps",
         "ratio",
         "peak_rss_mb",
