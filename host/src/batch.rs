@@ -28,6 +28,21 @@ pub struct Position {
     /// truncated): a committed position moves backwards only with a
     /// higher count, never by accident (see `sink`).
     pub reads: u32,
+    /// Of the bytes consumed, up to `source::FINGERPRINT_BYTES` of them:
+    /// tells the file from another one later found under its key. `None`
+    /// for a position committed by a host that predates fingerprints.
+    pub fingerprint: Option<crate::source::Fingerprint>,
+}
+
+/// Which file a record came from, by identity rather than name: with the
+/// line, the natural key of a quarantined record, so that reading a file
+/// again does not quarantine its records twice.
+#[derive(Debug, Clone)]
+pub struct FileRef {
+    /// `Position::key`.
+    pub key: Arc<str>,
+    /// The checksum of the file's fingerprint at the record's end.
+    pub fingerprint: i64,
 }
 
 /// Where an event came from, to point a quarantined event at its source.
@@ -35,12 +50,14 @@ pub struct Position {
 pub struct Origin {
     pub file: Arc<str>,
     pub line: u64,
+    pub source: FileRef,
 }
 
 /// A record the parser could not read, with the file it is in.
 #[derive(Debug, Clone)]
 pub struct Malformed {
     pub file: Arc<str>,
+    pub source: FileRef,
     pub row: BadRow,
 }
 
@@ -56,6 +73,9 @@ pub struct Batch {
     pub malformed: Vec<Malformed>,
     /// Position after the last record of this batch, per file.
     pub positions: BTreeMap<String, Position>,
+    /// Keys of files gone for longer than the grace period: their
+    /// positions are deleted with this batch's commit.
+    pub forget: Vec<String>,
     /// When its first record was read: the start of its latency.
     pub opened: Instant,
     /// From its first record to its closing: the time spent reading and
@@ -71,6 +91,7 @@ impl Batch {
             origins: Vec::new(),
             malformed: Vec::new(),
             positions: BTreeMap::new(),
+            forget: Vec::new(),
             opened: Instant::now(),
             read_time: Duration::ZERO,
         }
@@ -128,6 +149,7 @@ impl Batcher {
                 p.offset = position.offset;
                 p.line = position.line;
                 p.reads = position.reads;
+                p.fingerprint = position.fingerprint;
             }
             None => {
                 batch
@@ -140,6 +162,13 @@ impl Batcher {
         } else {
             None
         }
+    }
+
+    /// Adds positions to delete with the open batch (opening one): see
+    /// `Batch::forget`.
+    pub fn forget(&mut self, keys: impl IntoIterator<Item = String>) {
+        let batch = self.current.get_or_insert_with(Batch::new);
+        batch.forget.extend(keys);
     }
 
     /// When the open batch must be closed, if one is open.
@@ -178,8 +207,16 @@ mod tests {
             Origin {
                 file: "f".into(),
                 line: n as u64,
+                source: source(),
             },
         )
+    }
+
+    fn source() -> FileRef {
+        FileRef {
+            key: "f".into(),
+            fingerprint: 0,
+        }
     }
 
     fn at(key: &str, offset: u64) -> Position {
@@ -189,6 +226,7 @@ mod tests {
             offset,
             line: offset,
             reads: 0,
+            fingerprint: None,
         }
     }
 
@@ -209,6 +247,7 @@ mod tests {
         let mut b = Batcher::new(2, Duration::from_secs(60));
         let bad = Malformed {
             file: "f".into(),
+            source: source(),
             row: BadRow {
                 line: 1,
                 raw: "x".into(),

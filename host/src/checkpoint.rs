@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tokio_postgres::Client;
 
 use crate::batch::Position;
+use crate::source::Fingerprint;
 
 #[derive(Debug, Default)]
 pub struct Checkpoint {
@@ -24,7 +25,7 @@ pub async fn load(client: &Client) -> Result<Checkpoint, tokio_postgres::Error> 
     let mut checkpoint = Checkpoint::default();
     for row in client
         .query(
-            "SELECT file_key, path, byte_offset, line, reads FROM pipeline.positions",
+            "SELECT file_key, path, byte_offset, line, reads, fp_len, fp_sum FROM pipeline.positions",
             &[],
         )
         .await?
@@ -34,6 +35,8 @@ pub async fn load(client: &Client) -> Result<Checkpoint, tokio_postgres::Error> 
         let offset: i64 = row.get(2);
         let line: i64 = row.get(3);
         let reads: i32 = row.get(4);
+        let fp_len: Option<i32> = row.get(5);
+        let fp_sum: Option<i64> = row.get(6);
         checkpoint.positions.insert(
             key.clone(),
             Position {
@@ -42,6 +45,9 @@ pub async fn load(client: &Client) -> Result<Checkpoint, tokio_postgres::Error> 
                 offset: offset as u64,
                 line: line as u64,
                 reads: reads as u32,
+                fingerprint: fp_len
+                    .zip(fp_sum)
+                    .map(|(len, sum)| Fingerprint::from_db(len, sum)),
             },
         );
     }

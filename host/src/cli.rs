@@ -286,6 +286,12 @@ pub struct RunArgs {
     /// file system). Without it the folder grows and every pass lists it.
     #[arg(long, default_value = "keep")]
     pub on_done: crate::source::OnDone,
+    /// How long a file may be gone from the input folder before its
+    /// position is forgotten (deleted from pipeline.positions). A file
+    /// back sooner (renamed out and back) resumes where it was; one back
+    /// later is read again from the start, without doubling a row.
+    #[arg(long, default_value = "10m", value_parser = duration)]
+    pub forget_after: Duration,
     /// Pause the input when one stage fails every event of this many
     /// consecutive batches (a broken stage would otherwise quarantine the
     /// whole input); a new version of the stage resumes it. 0: never pause.

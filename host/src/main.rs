@@ -53,6 +53,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown_timeout: args.shutdown_timeout,
                 follow_symlinks: args.follow_symlinks,
                 on_done: args.on_done,
+                forget_after: args.forget_after,
             };
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

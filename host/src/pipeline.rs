@@ -58,6 +58,8 @@ pub struct RunConfig {
     pub follow_symlinks: bool,
     /// What becomes of files fully committed.
     pub on_done: OnDone,
+    /// How long a gone file's position is kept.
+    pub forget_after: Duration,
     /// Consecutive wholly failed batches of one stage that pause the
     /// input (0: never); see `pause`.
     pub pause_after: u32,
@@ -233,6 +235,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     let mut source_config = SourceConfig::new(config.input.clone(), config.once);
     source_config.follow_symlinks = config.follow_symlinks;
     source_config.on_done = config.on_done.clone();
+    source_config.forget_after = config.forget_after;
     let mut source = Source::new(source_config, checkpoint.positions, shutdown.clone());
     // With --on-done the source learns which positions are committed.
     let done_feed = if config.on_done != OnDone::Keep {
@@ -730,6 +733,7 @@ fn process(
         origins,
         dropped,
         positions: batch.positions.into_values().collect(),
+        forget: batch.forget,
         stages: out.runs,
         snapshots,
         shadow_diffs: out.shadows,

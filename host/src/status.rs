@@ -874,6 +874,10 @@ mod tests {
             opened: Some(Instant::now()),
             malformed: vec![Malformed {
                 file: "a.csv".into(),
+                source: crate::batch::FileRef {
+                    key: "k".into(),
+                    fingerprint: 0,
+                },
                 row: BadRow {
                     line: 3,
                     raw: "x,y".into(),
@@ -886,6 +890,7 @@ mod tests {
                 offset: 100,
                 line: 11,
                 reads: 0,
+                fingerprint: None,
             }],
             stages: vec![StageRun {
                 stage: version,

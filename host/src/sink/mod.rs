@@ -37,7 +37,7 @@ use rand::RngExt;
 use serde_json::json;
 use tokio_postgres::{Client, NoTls, Statement, Transaction};
 
-use crate::batch::{Malformed, Origin, Position};
+use crate::batch::{FileRef, Malformed, Origin, Position};
 use crate::checkpoint::{self, Checkpoint};
 use crate::metrics::{self, Metrics};
 use crate::stage::chain::{StageRejection, StageRun, StageSnapshot};
@@ -102,6 +102,8 @@ pub struct Commit {
     pub origins: Vec<(String, Origin)>,
     pub dropped: usize,
     pub positions: Vec<Position>,
+    /// Keys of positions to delete: files gone for the grace period.
+    pub forget: Vec<String>,
     pub stages: Vec<StageRun>,
     pub snapshots: Vec<StageSnapshot>,
     /// Shadow comparisons of this batch.
@@ -419,6 +421,7 @@ struct Statements {
     batch: Statement,
     quarantine: Statement,
     positions: Statement,
+    forget: Statement,
     state: Statement,
 }
 
@@ -452,22 +455,31 @@ impl Statements {
                 .await?,
             quarantine: client
                 .prepare(
-                    "INSERT INTO pipeline.quarantine (batch_id, kind, file, line, raw, reason, stage, event_id)
-                     SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[])",
+                    // A record already quarantined from the same file
+                    // (by identity), line, kind and stage is not again.
+                    "INSERT INTO pipeline.quarantine (batch_id, kind, file, line, raw, reason, stage, event_id, file_key, file_fp)
+                     SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[],
+                         $9::text[], $10::int8[])
+                     ON CONFLICT DO NOTHING",
                 )
                 .await?,
             positions: client
                 .prepare(
                     // A position moves backwards only with a higher re-read
                     // count: a row the WHERE skips is not counted.
-                    "INSERT INTO pipeline.positions (file_key, path, byte_offset, line, reads, batch_id)
-                     SELECT k, p, o, l, r, $6
-                     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[]) AS u(k, p, o, l, r)
+                    "INSERT INTO pipeline.positions (file_key, path, byte_offset, line, reads, fp_len, fp_sum, batch_id)
+                     SELECT k, p, o, l, r, fl, fs, $8
+                     FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int4[], $6::int4[], $7::int8[])
+                         AS u(k, p, o, l, r, fl, fs)
                      ON CONFLICT (file_key) DO UPDATE SET path = excluded.path, byte_offset = excluded.byte_offset,
-                         line = excluded.line, reads = excluded.reads, batch_id = excluded.batch_id, updated_at = now()
+                         line = excluded.line, reads = excluded.reads, fp_len = excluded.fp_len, fp_sum = excluded.fp_sum,
+                         batch_id = excluded.batch_id, updated_at = now()
                      WHERE (excluded.reads, excluded.byte_offset)
                          >= (pipeline.positions.reads, pipeline.positions.byte_offset)",
                 )
+                .await?,
+            forget: client
+                .prepare("DELETE FROM pipeline.positions WHERE file_key = ANY($1::text[])")
                 .await?,
             state: client
                 .prepare(
@@ -652,6 +664,7 @@ async fn write(
         for m in &c.malformed {
             q.push(
                 "malformed",
+                Some(&m.source),
                 Some(&m.file),
                 Some(m.row.line),
                 Some(m.row.raw.clone()),
@@ -663,6 +676,7 @@ async fn write(
         for (r, origin) in &c.rejections {
             q.push(
                 if r.failure { "failed" } else { "rejected" },
+                origin.as_ref().map(|o| &o.source),
                 origin.as_ref().map(|o| &*o.file),
                 origin.as_ref().map(|o| o.line),
                 Some(event_csv(&r.event)),
@@ -679,6 +693,7 @@ async fn write(
                 let origin = origins.get(e.event_id.as_str());
                 q.push(
                     "refused",
+                    origin.map(|o| &o.source),
                     origin.map(|o| &*o.file),
                     origin.map(|o| o.line),
                     Some(event_csv(e)),
@@ -699,9 +714,17 @@ async fn write(
                 &q.reason,
                 &q.stage,
                 &q.event_id,
+                &q.file_key,
+                &q.file_fp,
             ],
         )
         .await?;
+    }
+
+    // Before the positions: a file that came back after its position was
+    // forgotten has a new one in this batch.
+    if !c.forget.is_empty() {
+        tx.execute(&st.forget, &[&c.forget]).await?;
     }
 
     if !c.positions.is_empty() {
@@ -709,10 +732,22 @@ async fn write(
         let offsets: Vec<i64> = c.positions.iter().map(|p| p.offset as i64).collect();
         let lines: Vec<i64> = c.positions.iter().map(|p| p.line as i64).collect();
         let reads: Vec<i32> = c.positions.iter().map(|p| p.reads as i32).collect();
+        let fp_lens: Vec<Option<i32>> = c
+            .positions
+            .iter()
+            .map(|p| p.fingerprint.map(|f| f.len as i32))
+            .collect();
+        let fp_sums: Vec<Option<i64>> = c
+            .positions
+            .iter()
+            .map(|p| p.fingerprint.map(|f| f.sum_i64()))
+            .collect();
         let moved = tx
             .execute(
                 &st.positions,
-                &[&keys, &files, &offsets, &lines, &reads, &batch_id],
+                &[
+                    &keys, &files, &offsets, &lines, &reads, &fp_lens, &fp_sums, &batch_id,
+                ],
             )
             .await?;
         if (moved as usize) < keys.len() {
@@ -757,6 +792,8 @@ struct Quarantine {
     reason: Vec<String>,
     stage: Vec<Option<String>>,
     event_id: Vec<Option<String>>,
+    file_key: Vec<Option<String>>,
+    file_fp: Vec<Option<i64>>,
 }
 
 impl Quarantine {
@@ -764,6 +801,7 @@ impl Quarantine {
     fn push(
         &mut self,
         kind: &'static str,
+        source: Option<&FileRef>,
         file: Option<&str>,
         line: Option<u64>,
         raw: Option<String>,
@@ -779,6 +817,8 @@ impl Quarantine {
         self.reason.push(reason.replace('\0', "\\0"));
         self.stage.push(stage.map(str::to_owned));
         self.event_id.push(event_id.map(str::to_owned));
+        self.file_key.push(source.map(|s| s.key.to_string()));
+        self.file_fp.push(source.map(|s| s.fingerprint));
     }
 }
 

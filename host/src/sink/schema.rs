@@ -24,7 +24,7 @@ CREATE SCHEMA IF NOT EXISTS pipeline;
 
 -- How far each input file has been consumed, committed with its rows.
 CREATE TABLE IF NOT EXISTS pipeline.positions (
-    file_key    TEXT PRIMARY KEY,   -- device:inode:birth time
+    file_key    TEXT PRIMARY KEY,   -- device:inode:birth time (0 without one)
     path        TEXT NOT NULL,
     byte_offset BIGINT NOT NULL,
     line        BIGINT NOT NULL,
@@ -148,7 +148,26 @@ pub const MIGRATIONS: &[&[&str]] = &[
     &[EVENTS_TABLE, PIPELINE_SCHEMA],
     // 2: fencing (a generation per host start) and re-read counts.
     &[MIGRATION_2],
+    // 3: files known by content as well as by inode.
+    &[MIGRATION_FILE_IDENTITY],
 ];
+
+const MIGRATION_FILE_IDENTITY: &str = "
+-- A checksum of the first fp_len bytes of the file (those consumed, up to
+-- 1 KiB): a new file on a reused inode, or one truncated and written
+-- again, is told from the file the position was for. NULL in positions
+-- committed before: those files are trusted by their key.
+ALTER TABLE pipeline.positions ADD COLUMN IF NOT EXISTS fp_len INT;
+ALTER TABLE pipeline.positions ADD COLUMN IF NOT EXISTS fp_sum BIGINT;
+-- A quarantined record's file by identity, and the file's fingerprint at
+-- the record: with line, kind and stage its natural key, so a file read
+-- again does not quarantine its records twice.
+ALTER TABLE pipeline.quarantine ADD COLUMN IF NOT EXISTS file_key TEXT;
+ALTER TABLE pipeline.quarantine ADD COLUMN IF NOT EXISTS file_fp BIGINT;
+CREATE UNIQUE INDEX IF NOT EXISTS quarantine_natural_key
+    ON pipeline.quarantine (file_key, file_fp, line, kind, (coalesce(stage, '')))
+    WHERE file_key IS NOT NULL;
+";
 
 const MIGRATION_2: &str = "
 -- One row: bumped by each host that takes the pipeline lock at start, and

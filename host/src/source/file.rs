@@ -2,31 +2,25 @@
 //! (ahead of what is committed), and its parser state.
 
 use std::io::{BufRead, Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::batch::{Malformed, Origin, Position};
+use crate::batch::{FileRef, Malformed, Origin, Position};
 use crate::parse::FileParser;
 
+use super::identity::{FileId, Fingerprint, Head, Verdict};
 use super::{Outlet, SourceConfig};
 
-/// A file's identity: device, inode and birth time. A file renamed keeps
-/// it; a new file under an old name (even on a reused inode) gets a new one.
+/// A file's identity as positions store it: see `identity::FileId`.
 pub fn file_key(meta: &std::fs::Metadata) -> String {
-    let born = meta
-        .created()
-        .ok()
-        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("{}:{}:{}", meta.dev(), meta.ino(), born)
+    FileId::of(meta).key()
 }
 
 pub(super) struct Tracked {
-    key: String,
+    id: FileId,
+    key: Arc<str>,
     path: Arc<str>,
     /// Bytes and lines read so far (handed to the batcher, maybe not yet
     /// committed).
@@ -34,12 +28,23 @@ pub(super) struct Tracked {
     line: u64,
     /// Times read again from the start (see `Position::reads`).
     reads: u32,
+    /// Of the bytes read so far, up to `FINGERPRINT_BYTES` of them.
+    fingerprint: Fingerprint,
+    /// Resumed from a committed position not yet checked against the
+    /// file's content (its fingerprint, `None` when it has none).
+    unchecked: Option<Option<Fingerprint>>,
+    /// Size and modification time the listing gave when the file was last
+    /// read to its end: while both stay, the file is not opened again.
+    seen: Option<(u64, SystemTime)>,
+    /// The pass that last listed the file.
+    pub(super) listed: u64,
     parser: FileParser,
     /// The last error reported, so a persistent one is logged once.
     last_error: Option<String>,
     buf: Vec<u8>,
-    /// A line longer than the buffer, being skipped to its end.
-    skipping: Option<Overlong>,
+    /// A line longer than the buffer, being skipped to its end (boxed:
+    /// rare, and every file tracked would carry its size).
+    skipping: Option<Box<Overlong>>,
 }
 
 /// The part of an overlong line kept for the quarantine.
@@ -53,31 +58,67 @@ struct Overlong {
 const OVERLONG_HEAD: usize = 64 * 1024;
 
 impl Tracked {
-    pub(super) fn open(key: String, path: &Path, committed: Option<Position>) -> Tracked {
+    pub(super) fn open(id: FileId, path: &Path, committed: Option<Position>) -> Tracked {
         let path: Arc<str> = Arc::from(path.to_string_lossy().as_ref());
         let reads = committed.as_ref().map_or(0, |p| p.reads);
-        let (offset, line, parser) = match committed {
-            Some(p) if p.offset > 0 => {
-                tracing::info!(file = %path, offset = p.offset, line = p.line, "resuming file from its committed position");
-                (
-                    p.offset,
-                    p.line,
-                    FileParser::resume(first_line(&path).as_deref()),
-                )
-            }
-            _ => (0, 0, FileParser::default()),
+        let (offset, line, unchecked) = match committed {
+            Some(p) if p.offset > 0 => (p.offset, p.line, Some(p.fingerprint)),
+            _ => (0, 0, None),
         };
         Tracked {
-            key,
+            id,
+            key: Arc::from(id.key()),
             path,
             offset,
             line,
             reads,
-            parser,
+            fingerprint: Fingerprint::default(),
+            unchecked,
+            seen: None,
+            listed: 0,
+            parser: FileParser::default(),
             last_error: None,
             buf: Vec::new(),
             skipping: None,
         }
+    }
+
+    /// How far the file was read, as a position: what it resumes from
+    /// when it comes back after leaving the folder.
+    pub(super) fn position(&self) -> Position {
+        Position {
+            key: self.key.to_string(),
+            path: self.path.clone(),
+            offset: self.offset,
+            line: self.line,
+            reads: self.reads,
+            fingerprint: match self.unchecked {
+                Some(committed) => committed,
+                None => Some(self.fingerprint),
+            },
+        }
+    }
+
+    /// Whether the last read reached the end of the file and this listing
+    /// shows it unchanged since: nothing to open.
+    pub(super) fn unchanged(&self, meta: &std::fs::Metadata) -> bool {
+        self.unchecked.is_none()
+            && meta.len() == self.offset
+            && self.seen
+                == Some((
+                    meta.len(),
+                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                ))
+    }
+
+    /// Starts again from the first byte, under a higher re-read count.
+    fn restart(&mut self) {
+        self.offset = 0;
+        self.line = 0;
+        self.reads += 1;
+        self.fingerprint = Fingerprint::default();
+        self.parser = FileParser::default();
+        self.skipping = None;
     }
 
     /// Bytes read so far.
@@ -114,13 +155,18 @@ impl Tracked {
         outlet: &mut Outlet,
         shutdown: &AtomicBool,
     ) -> std::io::Result<bool> {
-        // The listing's size spares an open() of every unchanged file.
-        if meta.len() == self.offset {
+        // The listing's size and time spare an open() of every file
+        // read to its end and unchanged since.
+        if self.unchanged(meta) {
             return Ok(false);
         }
+        let listed = (
+            meta.len(),
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        );
         let mut file = std::fs::File::open(&*self.path)?;
         let opened = file.metadata()?;
-        if file_key(&opened) != self.key {
+        if FileId::of(&opened) != self.id {
             // The name was given to another file since the folder was
             // listed (rewritten by rename): reading this one from our
             // offset would mix two files. The next pass sees the new file
@@ -128,16 +174,38 @@ impl Tracked {
             return Ok(false);
         }
         let len = opened.len();
+        let head = Head::read(&file, len)?;
         if len < self.offset {
             tracing::warn!(file = %self.path, size = len, offset = self.offset,
                 "file shrank below the read position: it was truncated or rewritten; reading it again from the start");
-            self.offset = 0;
-            self.line = 0;
-            self.reads += 1;
-            self.parser = FileParser::default();
-            self.skipping = None;
+            self.restart();
+            self.unchecked = None;
+        } else if self.offset > 0 {
+            let expected = match self.unchecked {
+                Some(committed) => committed,
+                None => Some(self.fingerprint),
+            };
+            match head.check(expected) {
+                Verdict::Same | Verdict::Unknown => {
+                    if self.unchecked.take().is_some() {
+                        // Resumed: learn the header from the file itself.
+                        self.parser = FileParser::resume(first_line(&self.path).as_deref());
+                        tracing::info!(file = %self.path, offset = self.offset, line = self.line, "resuming file from its committed position");
+                    }
+                }
+                Verdict::Changed => {
+                    tracing::warn!(file = %self.path, offset = self.offset,
+                        "file begins with other bytes than the ones read (a new file on a reused inode, or truncated and written again): reading it from the start");
+                    self.restart();
+                    self.unchecked = None;
+                }
+            }
+        } else {
+            self.unchecked = None;
         }
         if len == self.offset {
+            self.fingerprint = head.at(self.offset);
+            self.seen = Some(listed);
             return Ok(false);
         }
         let quiet_for = opened
@@ -167,7 +235,7 @@ impl Tracked {
             remaining = remaining.saturating_sub(got as u64);
             let at_end = remaining == 0;
             let is_final = at_end && settled;
-            if self.skipping.is_some() && self.skip(is_final, cap, outlet) {
+            if self.skipping.is_some() && self.skip(is_final, cap, outlet, &head) {
                 progressed = true;
                 if self.skipping.is_some() {
                     // Still inside the long line: read on.
@@ -188,7 +256,7 @@ impl Tracked {
             let (used, lines) = if upto == 0 {
                 (0, 0)
             } else {
-                self.parse(upto, is_final, outlet)
+                self.parse(upto, is_final, outlet, &head)
             };
             if used > 0 {
                 progressed = true;
@@ -197,7 +265,7 @@ impl Tracked {
                 self.buf.drain(..used);
             } else if self.buf.len() >= cap {
                 // The first record does not fit in the buffer.
-                self.overflow(cap, outlet);
+                self.overflow(cap, outlet, &head);
                 progressed = true;
             } else if at_end {
                 break;
@@ -208,6 +276,9 @@ impl Tracked {
         // folder would keep a chunk's worth of memory (130 MB over a
         // 100-file backlog).
         self.buf = Vec::new();
+        self.fingerprint = head.at(self.offset);
+        // Read to its end (an unterminated last line left for later is not).
+        self.seen = (self.offset == len).then_some(listed);
         self.last_error = None;
         Ok(progressed)
     }
@@ -216,7 +287,7 @@ impl Tracked {
     /// end, the record began with a quote that is not closed within the
     /// buffer: its first line is quarantined and reading resumes after
     /// it. Otherwise the line itself is too long: it is skipped to its end.
-    fn overflow(&mut self, cap: usize, outlet: &mut Outlet) {
+    fn overflow(&mut self, cap: usize, outlet: &mut Outlet, head: &Head) {
         let line = self.line + 1;
         match self.buf.iter().position(|&b| b == b'\n') {
             Some(i) => {
@@ -229,17 +300,18 @@ impl Tracked {
                     raw,
                     format!("a quoted field opened on this line is not closed within {cap} bytes (the limit for one record); the line is quarantined and reading goes on at the next one"),
                     outlet,
+                    head,
                 );
                 // What follows is read as if the quote had not been there.
                 self.parser.skip_record();
             }
             None => {
-                let head = self.buf[..self.buf.len().min(OVERLONG_HEAD)].to_vec();
-                self.skipping = Some(Overlong {
+                let kept = self.buf[..self.buf.len().min(OVERLONG_HEAD)].to_vec();
+                self.skipping = Some(Box::new(Overlong {
                     line,
-                    head,
+                    head: kept,
                     bytes: self.buf.len() as u64,
-                });
+                }));
                 self.offset += self.buf.len() as u64;
                 self.buf.clear();
             }
@@ -248,7 +320,7 @@ impl Tracked {
 
     /// Discards the rest of an overlong line. Returns whether the buffer
     /// was used; `self.skipping` is cleared once the line has ended.
-    fn skip(&mut self, is_final: bool, cap: usize, outlet: &mut Outlet) -> bool {
+    fn skip(&mut self, is_final: bool, cap: usize, outlet: &mut Outlet, head: &Head) -> bool {
         let Some(skip) = self.skipping.as_mut() else {
             return false;
         };
@@ -279,55 +351,85 @@ impl Tracked {
             format!("{raw}... [{} bytes]", skip.bytes),
             format!("line is {} bytes, longer than the limit of {cap} bytes for one record; skipped to the next line", skip.bytes),
             outlet,
+            head,
         );
         self.parser.skip_record();
         true
     }
 
     /// Sends a record the source itself rejects, with the position after it.
-    fn quarantine(&mut self, line: u64, raw: String, reason: String, outlet: &mut Outlet) {
+    fn quarantine(
+        &mut self,
+        line: u64,
+        raw: String,
+        reason: String,
+        outlet: &mut Outlet,
+        head: &Head,
+    ) {
+        let fingerprint = head.at(self.offset);
         let position = Position {
-            key: self.key.clone(),
+            key: self.key.to_string(),
             path: self.path.clone(),
             offset: self.offset,
             line: self.line,
             reads: self.reads,
+            fingerprint: Some(fingerprint),
         };
         let record = Err(Malformed {
             file: self.path.clone(),
+            source: FileRef {
+                key: self.key.clone(),
+                fingerprint: fingerprint.sum_i64(),
+            },
             row: crate::parse::BadRow { line, raw, reason },
         });
         let full = outlet.batcher.push(record, &position);
         outlet.send(full);
     }
 
-    fn parse(&mut self, upto: usize, is_final: bool, outlet: &mut Outlet) -> (usize, u64) {
+    fn parse(
+        &mut self,
+        upto: usize,
+        is_final: bool,
+        outlet: &mut Outlet,
+        head: &Head,
+    ) -> (usize, u64) {
         let base_offset = self.offset;
         let base_line = self.line;
         let path = &self.path;
+        let key = &self.key;
         let chunk = &self.buf[..upto];
         // One position per chunk, moved on per record: the batcher copies
         // it only for a file it has not met in the batch yet.
         let mut position = Position {
-            key: self.key.clone(),
+            key: self.key.to_string(),
             path: path.clone(),
             offset: base_offset,
             line: base_line,
             reads: self.reads,
+            fingerprint: None,
         };
         self.parser.parse(chunk, base_line + 1, is_final, |parsed| {
             position.offset = base_offset + parsed.end as u64;
             position.line = base_line + parsed.lines;
+            let fingerprint = head.at(position.offset);
+            position.fingerprint = Some(fingerprint);
+            let source = FileRef {
+                key: key.clone(),
+                fingerprint: fingerprint.sum_i64(),
+            };
             let record = match parsed.result {
                 Ok(event) => {
                     let origin = Origin {
                         file: path.clone(),
                         line: position.line,
+                        source,
                     };
                     Ok((event, origin))
                 }
                 Err(row) => Err(Malformed {
                     file: path.clone(),
+                    source,
                     row,
                 }),
             };
@@ -407,8 +509,9 @@ mod tests {
             offset: (ROW.len() * 5) as u64,
             line: 5,
             reads: 0,
+            fingerprint: None,
         };
-        let mut tracked = Tracked::open(file_key(&listed), &path, Some(committed));
+        let mut tracked = Tracked::open(FileId::of(&listed), &path, Some(committed));
         // Between the listing and the read, another file takes the name.
         let tmp = dir.join("a.tmp");
         std::fs::write(&tmp, format!("x{}", ROW.repeat(20))).unwrap();
@@ -428,7 +531,7 @@ mod tests {
         let text = format!("{ROW}{long}\n{ROW}\"open,quote\n{ROW}{ROW}{ROW}{long}");
         std::fs::write(&path, &text).unwrap();
         let meta = std::fs::metadata(&path).unwrap();
-        let mut tracked = Tracked::open(file_key(&meta), &path, None);
+        let mut tracked = Tracked::open(FileId::of(&meta), &path, None);
         // A buffer of 200 bytes: the 1000-byte lines do not fit, and the
         // open quote is not closed within it.
         let batch = read(&mut tracked, &meta, 200).unwrap();
@@ -448,6 +551,77 @@ mod tests {
         let end = batch.positions.values().next().unwrap();
         assert_eq!(end.offset, text.len() as u64);
         assert_eq!(end.line, 7);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    const OTHER: &str = "650e8400-e29b-41d4-a716-446655440000,1,view,2,3.00,2026-01-05T00:00:00Z\n";
+
+    #[test]
+    fn a_copytruncate_refilled_past_the_offset_is_read_from_the_start() {
+        let dir = scratch("copytruncate");
+        let path = dir.join("a.csv");
+        std::fs::write(&path, ROW.repeat(5)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let mut tracked = Tracked::open(FileId::of(&meta), &path, None);
+        assert_eq!(read(&mut tracked, &meta, 1 << 20).unwrap().events.len(), 5);
+        // Same inode, emptied and written again past the old offset
+        // before the next look.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, OTHER.repeat(20).as_bytes()))
+            .unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let batch = read(&mut tracked, &meta, 1 << 20).unwrap();
+        assert_eq!(batch.events.len(), 20, "every row of the new content");
+        let end = batch.positions.values().next().unwrap();
+        assert_eq!((end.offset, end.reads), ((OTHER.len() * 20) as u64, 1));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_new_file_on_a_committed_files_identity_is_read_from_the_start() {
+        // What a reused inode on a file system without birth times gives:
+        // a committed position under the new file's own id, with the
+        // fingerprint of another file's content.
+        let dir = scratch("reused");
+        let path = dir.join("b.csv");
+        let old = ROW.repeat(30);
+        std::fs::write(&path, OTHER.repeat(40)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let committed = Position {
+            key: file_key(&meta),
+            path: Arc::from(path.to_string_lossy().as_ref()),
+            offset: old.len() as u64,
+            line: 30,
+            reads: 2,
+            fingerprint: Some(Fingerprint::of(old.as_bytes())),
+        };
+        let mut tracked = Tracked::open(FileId::of(&meta), &path, Some(committed.clone()));
+        let batch = read(&mut tracked, &meta, 1 << 20).unwrap();
+        assert_eq!(batch.events.len(), 40);
+        assert_eq!(batch.positions.values().next().unwrap().reads, 3);
+        // The file the position was for resumes where it was.
+        std::fs::write(&path, format!("{old}{OTHER}")).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let mut tracked = Tracked::open(FileId::of(&meta), &path, Some(committed));
+        let batch = read(&mut tracked, &meta, 1 << 20).unwrap();
+        assert_eq!(batch.events.len(), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_file_read_to_its_end_is_not_opened_while_its_listing_stays() {
+        let dir = scratch("unchanged");
+        let path = dir.join("a.csv");
+        std::fs::write(&path, ROW.repeat(3)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let mut tracked = Tracked::open(FileId::of(&meta), &path, None);
+        read(&mut tracked, &meta, 1 << 20).unwrap();
+        assert!(tracked.unchanged(&meta));
+        std::fs::write(&path, ROW.repeat(4)).unwrap();
+        assert!(!tracked.unchanged(&std::fs::metadata(&path).unwrap()));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -4,13 +4,17 @@
 //!
 //! It runs on its own thread. It wakes on inotify events (the `notify`
 //! crate) and on a periodic rescan, the fallback for file systems whose
-//! events get lost. A file is tracked by identity (`file_key`), not by
-//! name: a new file under an old name starts from zero. Only complete
-//! records are read: a file still being written is resumed when it grows,
-//! and its unterminated last line is read only once the file has been
-//! quiet for `settle` (or at once with `--once`).
+//! events get lost. A file is tracked by identity (`identity`: device,
+//! inode, birth time, and a checksum of its first bytes), not by name: a
+//! new file under an old name, or on an old inode, starts from zero; a
+//! file renamed out of the folder and back resumes where it was. Only
+//! complete records are read: a file still being written is resumed when
+//! it grows, and its unterminated last line is read only once the file
+//! has been quiet for `settle` (or at once with `--once`). The positions
+//! of files gone for `forget_after` are deleted with the next commit.
 
 mod file;
+mod identity;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -24,6 +28,7 @@ use crate::batch::{Batch, Batcher, Position};
 use crate::watch::FolderWatch;
 pub use file::file_key;
 use file::Tracked;
+pub use identity::{FileId, Fingerprint, FINGERPRINT_BYTES};
 
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -45,6 +50,9 @@ pub struct SourceConfig {
     /// What to do with a file once all of it is committed and it has been
     /// quiet for `settle`.
     pub on_done: OnDone,
+    /// How long a file may be gone from the folder (renamed out, deleted)
+    /// before its position is forgotten; one back sooner resumes.
+    pub forget_after: Duration,
 }
 
 /// `--on-done`: what becomes of a file fully committed and settled.
@@ -84,6 +92,7 @@ impl SourceConfig {
             chunk: 1 << 20,
             follow_symlinks: false,
             on_done: OnDone::Keep,
+            forget_after: Duration::from_secs(600),
         }
     }
 }
@@ -127,8 +136,15 @@ impl Outlet {
 
 pub struct Source {
     config: SourceConfig,
-    committed: HashMap<String, Position>,
-    tracked: HashMap<String, Tracked>,
+    /// Committed positions not yet matched with a file of the folder.
+    committed: HashMap<FileId, Position>,
+    /// When `committed` was loaded: its entries are gone since then.
+    started: Instant,
+    tracked: HashMap<FileId, Tracked>,
+    /// Files read in this run that left the folder, and since when.
+    gone: HashMap<FileId, (Tracked, Instant)>,
+    /// Passes over the folder so far.
+    passes: u64,
     shutdown: Arc<AtomicBool>,
     /// Entries skipped for what they are (links, devices...), logged once.
     skipped: HashSet<PathBuf>,
@@ -136,6 +152,8 @@ pub struct Source {
     committed_feed: Option<std::sync::mpsc::Receiver<Vec<Position>>>,
     /// Committed offset by file key, from `committed_feed`.
     committed_now: HashMap<String, u64>,
+    /// Whether the missing birth time was reported.
+    warned_birth: bool,
 }
 
 impl Source {
@@ -146,14 +164,28 @@ impl Source {
         committed: HashMap<String, Position>,
         shutdown: Arc<AtomicBool>,
     ) -> Source {
+        let committed = committed
+            .into_values()
+            .filter_map(|p| match FileId::parse(&p.key) {
+                Some(id) => Some((id, p)),
+                None => {
+                    tracing::warn!(key = %p.key, file = %p.path, "ignoring a committed position whose file key is not device:inode:birth time");
+                    None
+                }
+            })
+            .collect();
         Source {
             config,
             committed,
+            started: Instant::now(),
             tracked: HashMap::new(),
+            gone: HashMap::new(),
+            passes: 0,
             shutdown,
             skipped: HashSet::new(),
             committed_feed: None,
             committed_now: HashMap::new(),
+            warned_birth: false,
         }
     }
 
@@ -169,11 +201,13 @@ impl Source {
         &mut self,
         path: &std::path::Path,
         meta: &std::fs::Metadata,
-        key: &str,
+        id: FileId,
     ) -> bool {
+        let key = id.key();
+        let key = key.as_str();
         if self.config.on_done == OnDone::Keep
-            || self.committed_now.get(key) != Some(&meta.len())
-            || self.tracked.get(key).map(|t| t.offset()) != Some(meta.len())
+            || self.committed_now.get(&id.key()) != Some(&meta.len())
+            || self.tracked.get(&id).map(|t| t.offset()) != Some(meta.len())
         {
             return false;
         }
@@ -264,20 +298,45 @@ impl Source {
                 }
             }
         }
-        let files = self.list()?;
+        self.passes += 1;
+        let pass = self.passes;
+        // Files read to their end and unchanged since are passed over as
+        // they are listed: neither kept, nor sorted, nor opened.
+        let keep_done = self.config.on_done == OnDone::Keep;
+        let tracked = &mut self.tracked;
+        let warned_birth = &mut self.warned_birth;
+        let input = &self.config.input;
+        let files = list(&self.config, &mut self.skipped, |meta| {
+            let id = FileId::of(meta);
+            if id.born.is_none() && !*warned_birth {
+                *warned_birth = true;
+                tracing::warn!(input = %input.display(),
+                    "the file system of the input folder gives no birth time: files are told apart by device, inode and a checksum of their first {FINGERPRINT_BYTES} bytes");
+            }
+            match tracked.get_mut(&id) {
+                Some(t) => {
+                    t.listed = pass;
+                    !(keep_done && t.unchanged(meta))
+                }
+                None => true,
+            }
+        })?;
         let mut progressed = false;
-        let mut present = HashSet::with_capacity(files.len());
         for (path, meta) in files {
-            let key = file_key(&meta);
-            present.insert(key.clone());
-            let tracked = match self.tracked.get_mut(&key) {
-                Some(t) => t,
-                None => {
-                    let committed = self.committed.remove(&key);
-                    let t = Tracked::open(key.clone(), &path, committed);
-                    self.tracked.entry(key.clone()).or_insert(t)
+            let id = FileId::of(&meta);
+            let tracked = match self.tracked.entry(id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    // Back after leaving the folder, committed before this
+                    // run, or new.
+                    let t = match self.gone.remove(&id) {
+                        Some((t, _)) => t,
+                        None => Tracked::open(id, &path, self.committed.remove(&id)),
+                    };
+                    e.insert(t)
                 }
             };
+            tracked.listed = pass;
             tracked.path_seen(&path);
             if self.shutdown.load(Ordering::Relaxed) || outlet.closed {
                 break;
@@ -286,62 +345,116 @@ impl Source {
                 Ok(read) => progressed |= read,
                 Err(e) => tracked.report_error(e),
             }
-            if self.finish_if_done(&path, &meta, &key) {
-                present.remove(&key);
+            if self.finish_if_done(&path, &meta, id) {
+                if let Some(t) = self.tracked.get_mut(&id) {
+                    t.listed = 0;
+                }
             }
         }
-        // Forget files that are gone; their committed positions stay.
-        self.tracked.retain(|key, _| present.contains(key));
+        if self.shutdown.load(Ordering::Relaxed) || outlet.closed {
+            return Ok(progressed);
+        }
+        // Files not listed in this pass are gone: kept for a while, in
+        // case they come back (renamed out and back).
+        let now = Instant::now();
+        let left: Vec<FileId> = self
+            .tracked
+            .iter()
+            .filter(|(_, t)| t.listed != pass)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in left {
+            if let Some(t) = self.tracked.remove(&id) {
+                self.gone.insert(id, (t, now));
+            }
+        }
+        self.forget_gone(now, outlet);
         Ok(progressed)
     }
 
-    /// Candidate files, oldest first (by modification time, then name).
-    fn list(&mut self) -> Result<Vec<(PathBuf, std::fs::Metadata)>, SourceError> {
-        let dir = &self.config.input;
-        let entries = std::fs::read_dir(dir).map_err(|source| SourceError::Folder {
-            path: dir.clone(),
-            source,
-        })?;
-        let mut files = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if !is_input_name(&name.to_string_lossy()) {
-                continue;
+    /// Forgets the files gone for longer than `forget_after`: their
+    /// positions are deleted with the next commit.
+    fn forget_gone(&mut self, now: Instant, outlet: &mut Outlet) {
+        let grace = self.config.forget_after;
+        let mut forget = Vec::new();
+        self.gone.retain(|_, (t, since)| {
+            let keep = now.duration_since(*since) < grace;
+            if !keep {
+                forget.push(t.position().key);
             }
-            let path = entry.path();
-            // The entry itself, not what a link points to.
-            let Ok(meta) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            let meta = if meta.file_type().is_symlink() && self.config.follow_symlinks {
-                match std::fs::metadata(&path) {
-                    Ok(target) => target,
-                    Err(_) => continue,
-                }
-            } else {
-                meta
-            };
-            if meta.is_file() {
-                files.push((path, meta));
-            } else if !meta.is_dir() && self.skipped.insert(path.clone()) {
-                let what = if meta.file_type().is_symlink() {
-                    "a symbolic link (--follow-symlinks reads what links point to)"
-                } else {
-                    "not a regular file"
-                };
-                tracing::warn!(path = %path.display(), "skipping input entry: {what}");
-            }
-        }
-        // Forget skipped entries that are gone, so the set stays bounded.
-        if !self.skipped.is_empty() {
-            self.skipped.retain(|p| p.symlink_metadata().is_ok());
-        }
-        files.sort_by_key(|(path, meta)| {
-            (
-                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                path.clone(),
-            )
+            keep
         });
-        Ok(files)
+        if now.duration_since(self.started) >= grace && !self.committed.is_empty() {
+            forget.extend(self.committed.drain().map(|(_, p)| p.key));
+        }
+        if forget.is_empty() {
+            return;
+        }
+        for key in &forget {
+            self.committed_now.remove(key);
+        }
+        tracing::info!(
+            files = forget.len(),
+            "forgetting the positions of files gone from the input folder for {:?}",
+            grace
+        );
+        outlet.batcher.forget(forget);
     }
+}
+
+/// The candidate files of the input folder that `wanted` keeps, oldest
+/// first (by modification time, then name).
+fn list(
+    config: &SourceConfig,
+    skipped: &mut HashSet<PathBuf>,
+    mut wanted: impl FnMut(&std::fs::Metadata) -> bool,
+) -> Result<Vec<(PathBuf, std::fs::Metadata)>, SourceError> {
+    let dir = &config.input;
+    let entries = std::fs::read_dir(dir).map_err(|source| SourceError::Folder {
+        path: dir.clone(),
+        source,
+    })?;
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !is_input_name(&name.to_string_lossy()) {
+            continue;
+        }
+        // The entry itself, not what a link points to (a stat relative
+        // to the open folder: no walk of the path per file).
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        let meta = if meta.file_type().is_symlink() && config.follow_symlinks {
+            match std::fs::metadata(entry.path()) {
+                Ok(target) => target,
+                Err(_) => continue,
+            }
+        } else {
+            meta
+        };
+        if meta.is_file() {
+            if wanted(&meta) {
+                files.push((entry.path(), meta));
+            }
+        } else if !meta.is_dir() && skipped.insert(entry.path()) {
+            let what = if meta.file_type().is_symlink() {
+                "a symbolic link (--follow-symlinks reads what links point to)"
+            } else {
+                "not a regular file"
+            };
+            tracing::warn!(path = %entry.path().display(), "skipping input entry: {what}");
+        }
+    }
+    // Forget skipped entries that are gone, so the set stays bounded.
+    if !skipped.is_empty() {
+        skipped.retain(|p| p.symlink_metadata().is_ok());
+    }
+    // Compared in place: a key cloning the path cost an allocation per
+    // comparison.
+    files.sort_by(|(a, a_meta), (b, b_meta)| {
+        let time = |m: &std::fs::Metadata| m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        (time(a_meta), a).cmp(&(time(b_meta), b))
+    });
+    Ok(files)
 }
