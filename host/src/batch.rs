@@ -168,7 +168,13 @@ impl Batcher {
     /// `Batch::forget`.
     pub fn forget(&mut self, keys: impl IntoIterator<Item = String>) {
         let batch = self.current.get_or_insert_with(Batch::new);
-        batch.forget.extend(keys);
+        for key in keys {
+            // Its rows are committed all the same; a position of it kept
+            // here would outlive the delete and refuse the file, back
+            // later and read from the start, as a move backwards.
+            batch.positions.remove(&key);
+            batch.forget.push(key);
+        }
     }
 
     /// When the open batch must be closed, if one is open.
@@ -268,6 +274,18 @@ mod tests {
         let opened = b.deadline().unwrap() - Duration::from_millis(50);
         assert!(b.take_due(opened + Duration::from_millis(10)).is_none());
         assert!(b.take_due(opened + Duration::from_millis(50)).is_some());
+    }
+
+    #[test]
+    fn a_position_forgotten_leaves_the_open_batch_with_its_rows() {
+        let mut b = Batcher::new(100, Duration::from_secs(60));
+        b.push(Ok(event(1)), at("a", 10));
+        b.push(Ok(event(2)), at("b", 10));
+        b.forget(["a".to_string()]);
+        let batch = b.take().unwrap();
+        assert_eq!(batch.events.len(), 2);
+        assert_eq!(batch.positions.keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(batch.forget, ["a"]);
     }
 
     proptest::proptest! {
