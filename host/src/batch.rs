@@ -279,8 +279,8 @@ mod tests {
     #[test]
     fn a_position_forgotten_leaves_the_open_batch_with_its_rows() {
         let mut b = Batcher::new(100, Duration::from_secs(60));
-        b.push(Ok(event(1)), at("a", 10));
-        b.push(Ok(event(2)), at("b", 10));
+        b.push(Ok(event(1)), &at("a", 10));
+        b.push(Ok(event(2)), &at("b", 10));
         b.forget(["a".to_string()]);
         let batch = b.take().unwrap();
         assert_eq!(batch.events.len(), 2);
