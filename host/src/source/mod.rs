@@ -11,6 +11,8 @@
 //! quiet for `settle` (or at once with `--once`).
 
 mod file;
+pub mod lease;
+pub mod nats;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
