@@ -175,7 +175,8 @@ pub fn consumer_name(stream: &str, partition: u32, epoch: i64) -> String {
 
 /// The consumer of one partition for one lease epoch, starting right
 /// after `committed` (the sequence the database holds): it never relies
-/// on earlier acks. The consumer of the epoch before is deleted.
+/// on earlier acks. The consumers of the epochs before, and one of this
+/// epoch (a restart after a broken fetch), are deleted.
 pub async fn partition_consumer(
     stream: &stream::Stream,
     name: &str,
@@ -188,7 +189,7 @@ pub async fn partition_consumer(
         consumer: consumer.clone(),
         message: e.to_string(),
     };
-    for old in (epoch - 3).max(0)..epoch {
+    for old in (epoch - 3).max(0)..=epoch {
         // Absent is the usual case.
         let _ = stream
             .delete_consumer(&consumer_name(name, partition, old))
@@ -202,6 +203,9 @@ pub async fn partition_consumer(
             start_sequence: committed + 1,
         },
         ack_wait: Duration::from_secs(60),
+        // Acks come only after commits: a cap would stall deliveries on
+        // batches in flight.
+        max_ack_pending: -1,
         // Left behind by a host that lost the partition without noticing.
         inactive_threshold: Duration::from_secs(600),
         ..Default::default()

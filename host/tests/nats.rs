@@ -390,3 +390,72 @@ fn generator_done(dir: &Path) -> bool {
         .map(|l| l.contains("published 20 files"))
         .unwrap_or(false)
 }
+
+fn healthz(port: u16) -> Option<(u16, String)> {
+    http_get(port, "/healthz")
+}
+
+#[test]
+fn a_nats_restart_mid_stream_loses_nothing_and_doubles_nothing() {
+    let mut server = OwnNats::start("restart");
+    let dir = scratch("nats-restart");
+    let expected = from_files(&dir);
+    let stream = TestStream::new(&server.address(), "restart");
+    let db = fresh_db("nats_restart");
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let mut h1 = stream_host(&stream, &db, &dir, "h1", ports[0], &[]);
+    let mut h2 = stream_host(&stream, &db, &dir, "h2", ports[1], &[]);
+    let mut generator = publish(&stream, &dir, "400ms");
+
+    h1.wait_until("a first batch", || batches(&db, "true") > 0);
+    server.stop();
+    for (h, port) in [(&mut h1, ports[0]), (&mut h2, ports[1])] {
+        h.wait_until("/healthz to report the lost NATS connection", || {
+            healthz(port).is_some_and(|(code, body)| code == 503 && body.contains("NATS"))
+        });
+    }
+    server.restart();
+    for (h, port) in [(&mut h1, ports[0]), (&mut h2, ports[1])] {
+        h.wait_until("/healthz to be ok again", || {
+            healthz(port).is_some_and(|(code, _)| code == 200)
+        });
+    }
+    generator.wait_until("the generator to finish", || generator_done(&dir));
+
+    wait_all_committed(&db, &stream);
+    assert_exactly_once(&db, &expected);
+    h1.stop();
+    h2.stop();
+}
+
+#[test]
+fn a_host_stalled_past_its_lease_cannot_commit_for_what_it_lost() {
+    let server = nats_server();
+    let dir = scratch("nats-stall");
+    let expected = from_files(&dir);
+    let stream = TestStream::new(&server, "stall");
+    let db = fresh_db("nats_stall");
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let mut h1 = stream_host(&stream, &db, &dir, "h1", ports[0], &[]);
+    let mut h2 = stream_host(&stream, &db, &dir, "h2", ports[1], &[]);
+    let mut generator = publish(&stream, &dir, "400ms");
+
+    h1.wait_until("h1 to commit a batch", || batches(&db, "host = 'h1'") > 0);
+    unsafe { libc::kill(h1.id() as i32, libc::SIGSTOP) };
+    // Its leases run out and h2 takes every partition.
+    let all = format!(
+        "SELECT count(*) FROM pipeline.partitions WHERE stream = '{}' AND host = 'h2' AND expires_at > now()",
+        stream.name
+    );
+    h2.wait_until("h2 to hold every partition", || count(&db, &all) == 8);
+    unsafe { libc::kill(h1.id() as i32, libc::SIGCONT) };
+    // Back, it finds its leases gone: it stops reading those partitions
+    // (and what it had in flight for them fails its commit).
+    h1.wait_for_log("partition lost", 1);
+    generator.wait_until("the generator to finish", || generator_done(&dir));
+
+    wait_all_committed(&db, &stream);
+    assert_exactly_once(&db, &expected);
+    h1.stop();
+    h2.stop();
+}

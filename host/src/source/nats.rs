@@ -101,6 +101,10 @@ struct Part {
     restore: Option<Vec<(String, Vec<u8>)>>,
     /// The last fetch found nothing.
     empty: bool,
+    /// A fetch broke off: messages delivered and not received would come
+    /// back only after the ack wait, behind later ones, so the consumer is
+    /// started again right after `taken` before the next fetch.
+    restart: bool,
     pending: u64,
     redelivered: u64,
 }
@@ -408,6 +412,7 @@ impl NatsSource {
                         committed,
                         restore: Some(states),
                         empty: false,
+                        restart: false,
                         pending: 0,
                         redelivered: 0,
                     },
@@ -426,6 +431,7 @@ impl NatsSource {
         let Ok(mut s) = self.status.lock() else {
             return;
         };
+        let stream = s.stream.clone();
         for h in holders {
             let entry = s.partitions.entry(h.partition).or_default();
             entry.partition = h.partition;
@@ -440,6 +446,19 @@ impl NatsSource {
                 None => entry.pending = 0,
             }
         }
+        let gauges = s
+            .partitions
+            .values()
+            .map(|p| metrics::PartitionGauge {
+                stream: stream.clone(),
+                partition: p.partition,
+                owner: p.owner.clone().filter(|_| p.live).unwrap_or_default(),
+                pending: p.pending,
+                redelivered: p.redelivered,
+                committed_seq: p.committed_seq,
+            })
+            .collect();
+        metrics::global().set_partitions(gauges);
     }
 
     /// One batch of partition `p`: what its consumer has now, up to the
@@ -447,6 +466,20 @@ impl NatsSource {
     async fn fetch(&mut self, p: u32) -> Option<Batch> {
         let batch_size = self.config.batch_size;
         let name = self.name.clone();
+        if self.parts.get(&p)?.restart {
+            let (epoch, taken) = self.parts.get(&p).map(|x| (x.epoch, x.taken))?;
+            match js::partition_consumer(&self.stream, &name, p, epoch, taken).await {
+                Ok(consumer) => {
+                    let part = self.parts.get_mut(&p)?;
+                    part.consumer = consumer;
+                    part.restart = false;
+                }
+                Err(e) => {
+                    tracing::debug!(partition = p, "cannot start the consumer again: {e}");
+                    return None;
+                }
+            }
+        }
         let part = self.parts.get_mut(&p)?;
         let messages = part
             .consumer
@@ -459,6 +492,7 @@ impl NatsSource {
             Err(e) => {
                 tracing::debug!(partition = p, "fetch failed: {e}");
                 part.empty = false;
+                part.restart = true;
                 return None;
             }
         };
@@ -474,7 +508,8 @@ impl NatsSource {
             let message = match message {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::debug!(partition = p, "fetch ended: {e}");
+                    tracing::debug!(partition = p, "fetch broke off: {e}");
+                    part.restart = true;
                     break;
                 }
             };
@@ -508,7 +543,7 @@ impl NatsSource {
             });
         }
         if last_seq == part.taken {
-            part.empty = true;
+            part.empty = !part.restart;
             part.pending = 0;
             return None;
         }
