@@ -81,6 +81,26 @@ pub struct Batch {
     /// From its first record to its closing: the time spent reading and
     /// parsing its records (the source waits only between batches).
     pub read_time: Duration,
+    /// For a batch of a shared stream: the partition it was read from and
+    /// how far (see `source::nats`). `None` for files.
+    pub partition: Option<PartitionMark>,
+}
+
+/// What a batch of one partition of a shared stream commits beside its
+/// rows: the last stream sequence it read, under the lease epoch it was
+/// read with; and for the first batch after a takeover, the stage state
+/// the database holds for the partition.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionMark {
+    pub stream: Arc<str>,
+    pub partition: u32,
+    pub epoch: i64,
+    /// The stream sequence of the batch's last message.
+    pub seq: u64,
+    /// Where to ack the last message once committed (acks all before it).
+    pub ack: Option<String>,
+    /// Stage states (by stage name) to restore before this batch.
+    pub restore: Option<Vec<(String, Vec<u8>)>>,
 }
 
 impl Batch {
@@ -94,6 +114,7 @@ impl Batch {
             forget: Vec::new(),
             opened: Instant::now(),
             read_time: Duration::ZERO,
+            partition: None,
         }
     }
 

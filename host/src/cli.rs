@@ -232,7 +232,9 @@ pub struct RunArgs {
     /// Folder with the plugin manifest (pipeline.toml) and the stage components.
     #[arg(long, default_value = "plugins")]
     pub plugins: PathBuf,
-    /// Folder the CSV files arrive in.
+    /// Folder the CSV files arrive in, or nats://HOST:PORT/STREAM: a NATS
+    /// JetStream stream shared with other hosts (one CSV line a message;
+    /// created when missing, see --partitions and --lease).
     #[arg(long, default_value = "data/input")]
     pub input: PathBuf,
     /// PostgreSQL to write to. Without it (and without DATABASE_URL) the host
@@ -297,13 +299,31 @@ pub struct RunArgs {
     /// whole input); a new version of the stage resumes it. 0: never pause.
     #[arg(long, default_value_t = crate::pause::DEFAULT_THRESHOLD)]
     pub pause_after: u32,
+    /// This host's name in batch records and partition leases [default:
+    /// the machine's host name]. Give each host sharing a stream on one
+    /// machine its own.
+    #[arg(long, env = "HOST_ID")]
+    pub host_id: Option<String>,
+    /// With --input nats://: partitions (subjects STREAM.0 ..) of a stream
+    /// this host creates; a stream that exists keeps its own.
+    #[arg(long, default_value_t = crate::jetstream::DEFAULT_PARTITIONS)]
+    pub partitions: u32,
+    /// With --input nats://: how long a partition stays with a host that
+    /// stops renewing its lease (renewed every third of it).
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub lease: Duration,
 }
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Folder to write files into.
+    /// Folder to write files into, or nats://HOST:PORT/STREAM: publish the
+    /// same events there instead, one CSV line a message, each to the
+    /// partition of its event id (the stream is created when missing).
     #[arg(long, default_value = "data/input")]
     pub output: PathBuf,
+    /// With --output nats://: partitions of a stream this creates.
+    #[arg(long, default_value_t = crate::jetstream::DEFAULT_PARTITIONS)]
+    pub partitions: u32,
     /// Pause between files.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub interval: Duration,

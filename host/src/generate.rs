@@ -87,15 +87,29 @@ impl Generator {
     pub fn run_with(
         &mut self,
         stop: &std::sync::atomic::AtomicBool,
-        mut written: impl FnMut(u64),
+        written: impl FnMut(u64),
     ) -> std::io::Result<u64> {
         std::fs::create_dir_all(&self.config.output)?;
+        self.run_into(stop, written, |generator| {
+            let path = generator.write_file()?;
+            Ok(path.display().to_string())
+        })
+    }
+
+    /// The loop of `run_with`, with `emit` making and delivering each
+    /// file (`next_file`); it returns what to log the file as.
+    pub fn run_into(
+        &mut self,
+        stop: &std::sync::atomic::AtomicBool,
+        mut written: impl FnMut(u64),
+        mut emit: impl FnMut(&mut Generator) -> std::io::Result<String>,
+    ) -> std::io::Result<u64> {
         while self.config.files.is_none_or(|n| self.file_index < n) {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 break;
             }
-            let path = self.write_file()?;
-            tracing::info!(file = %path.display(), events = self.config.events_per_file, "generated");
+            let file = emit(self)?;
+            tracing::info!(file = %file, events = self.config.events_per_file, "generated");
             written(self.file_index);
             if self.config.files.is_none_or(|n| self.file_index < n) {
                 // Sleep in steps so a stop request is honoured promptly.
@@ -119,10 +133,21 @@ impl Generator {
 
     /// Writes the next file; returns its path.
     pub fn write_file(&mut self) -> std::io::Result<PathBuf> {
-        self.file_index += 1;
-        let name = format!("events_{}_{:06}.csv", self.run_tag, self.file_index);
+        let (name, body) = self.next_file();
         let path = self.config.output.join(&name);
         let tmp = self.config.output.join(format!(".{name}.tmp"));
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&body)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+
+    /// The next file's name and contents (header first): what
+    /// `write_file` writes, and what a publisher sends line by line.
+    pub fn next_file(&mut self) -> (String, Vec<u8>) {
+        self.file_index += 1;
+        let name = format!("events_{}_{:06}.csv", self.run_tag, self.file_index);
         let mut body = Vec::with_capacity(self.config.events_per_file * 110 + 64);
         body.extend_from_slice(HEADER.as_bytes());
         body.push(b'\n');
@@ -137,11 +162,7 @@ impl Generator {
         for _ in 0..self.config.events_per_file {
             self.row(base_us, &mut body);
         }
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&body)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(path)
+        (name, body)
     }
 
     fn row(&mut self, base_us: i64, out: &mut Vec<u8>) {

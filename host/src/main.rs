@@ -54,6 +54,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 follow_symlinks: args.follow_symlinks,
                 on_done: args.on_done,
                 forget_after: args.forget_after,
+                host_id: args.host_id.unwrap_or_else(host::pipeline::default_host_id),
+                partitions: args.partitions,
+                lease: args.lease,
             };
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -183,12 +186,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .filter(|n| *n > 1)
                 .map(|n| host::progress::Progress::new("generate", n, host::progress::Unit::Files));
             let events_per_file = args.events_per_file as u64;
+            let progress_done = |done: u64| {
+                if let Some(p) = &mut progress {
+                    p.set(done, format!("{} events", done * events_per_file));
+                }
+            };
+            let nats = args
+                .output
+                .to_str()
+                .and_then(host::jetstream::NatsUrl::detect);
+            if let Some(url) = nats {
+                let url = url?;
+                let publisher = host::publish::Publisher::connect(url.clone(), args.partitions)?;
+                let files = generator
+                    .run_into(&stop, progress_done, |generator| {
+                        let (name, body) = generator.next_file();
+                        publisher
+                            .publish_file(&name, &body)
+                            .map_err(std::io::Error::other)?;
+                        Ok(format!("{url} ({name})"))
+                    })
+                    .with_context(|| format!("cannot publish to {url}"))?;
+                if let Some(p) = progress {
+                    p.finish();
+                }
+                println!("published {files} files of events to {url}");
+                return Ok(());
+            }
             let files = generator
-                .run_with(&stop, |done| {
-                    if let Some(p) = &mut progress {
-                        p.set(done, format!("{} events", done * events_per_file));
-                    }
-                })
+                .run_with(&stop, progress_done)
                 .with_context(|| format!("cannot write into {}", args.output.display()))?;
             if let Some(p) = progress {
                 p.finish();

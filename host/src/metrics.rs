@@ -56,6 +56,19 @@ pub struct Metrics {
     problems: Mutex<BTreeMap<String, String>>,
     paused: Mutex<BTreeMap<String, bool>>,
     last_db_error: Mutex<Option<(SystemTime, String)>>,
+    partitions: Mutex<Vec<PartitionGauge>>,
+}
+
+/// One partition of a shared stream, as `/metrics` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct PartitionGauge {
+    pub stream: String,
+    pub partition: u32,
+    /// The host holding its lease, `""` when none does.
+    pub owner: String,
+    pub pending: u64,
+    pub redelivered: u64,
+    pub committed_seq: u64,
 }
 
 static GLOBAL: OnceLock<Metrics> = OnceLock::new();
@@ -196,6 +209,13 @@ impl Metrics {
         (!reasons.is_empty()).then(|| reasons.join("\n"))
     }
 
+    /// The partitions of a shared stream, replaced as a whole.
+    pub fn set_partitions(&self, gauges: Vec<PartitionGauge>) {
+        if let Ok(mut p) = self.partitions.lock() {
+            *p = gauges;
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let counters: [(&str, &str, &AtomicU64); 9] = [
@@ -326,6 +346,32 @@ impl Metrics {
                     "pipeline_shadow_failures_total{{stage=\"{}\",kind=\"{}\"}} {n}",
                     label(stage),
                     label(kind)
+                );
+            }
+        }
+        if let Ok(parts) = self.partitions.lock() {
+            if !parts.is_empty() {
+                let _ = writeln!(out, "# HELP pipeline_partition_pending messages of a stream partition not yet delivered to this host (0 for partitions it does not hold)\n# TYPE pipeline_partition_pending gauge");
+                let _ = writeln!(out, "# HELP pipeline_partition_redelivered_total messages of a partition delivered again after this host had taken them\n# TYPE pipeline_partition_redelivered_total counter");
+                let _ = writeln!(out, "# HELP pipeline_partition_committed_sequence the last stream sequence committed for a partition, and its owner\n# TYPE pipeline_partition_committed_sequence gauge");
+            }
+            for p in parts.iter() {
+                let labels = format!(
+                    "stream=\"{}\",partition=\"{}\",owner=\"{}\"",
+                    label(&p.stream),
+                    p.partition,
+                    label(&p.owner)
+                );
+                let _ = writeln!(out, "pipeline_partition_pending{{{labels}}} {}", p.pending);
+                let _ = writeln!(
+                    out,
+                    "pipeline_partition_redelivered_total{{{labels}}} {}",
+                    p.redelivered
+                );
+                let _ = writeln!(
+                    out,
+                    "pipeline_partition_committed_sequence{{{labels}}} {}",
+                    p.committed_seq
                 );
             }
         }

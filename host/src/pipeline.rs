@@ -25,12 +25,14 @@ use tokio::sync::mpsc;
 use crate::batch::{Batch, Batcher, Origin};
 use crate::embedded::{self, EmbeddedPostgres, Tuning};
 use crate::http;
+use crate::jetstream::NatsUrl;
 use crate::metrics::{self, Metrics};
 use crate::pause::{Hold, Ran};
 use crate::progress::{Backfill, Progress, Unit};
-use crate::sink::{self, Commit, Sink};
+use crate::sink::{self, Commit, Sink, SinkError};
+use crate::source::nats::{Feedback, NatsConfig, NatsSource, Summary};
 use crate::source::{OnDone, Source, SourceConfig};
-use crate::stage::chain::{Chain, Prepared, StageRun};
+use crate::stage::chain::{Chain, Prepared, StageRun, StageSnapshot};
 use crate::stage::events::{PluginEvent, PluginEventKind};
 use crate::stage::manifest::Manifest;
 use crate::stage::reload::{self, Loader, Update};
@@ -63,6 +65,12 @@ pub struct RunConfig {
     /// Consecutive wholly failed batches of one stage that pause the
     /// input (0: never); see `pause`.
     pub pause_after: u32,
+    /// Named in every batch record; the owner of partition leases.
+    pub host_id: String,
+    /// Partitions of a stream this host creates (`--input nats://`).
+    pub partitions: u32,
+    /// How long a partition lease lasts without renewal.
+    pub lease: Duration,
 }
 
 /// Totals of a run, printed at the end.
@@ -150,9 +158,27 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
             tracing::warn!("state folder: {e}");
         }
     }
+    let nats_url = match config.input.to_str().and_then(NatsUrl::detect) {
+        Some(url) => Some(url?),
+        None => None,
+    };
     let db = database(&config).await?;
-    let mut sink = Sink::connect(&db.url, config.connect_timeout).await?;
+    println!("host id: {}", config.host_id);
+    let shared = nats_url.as_ref().map(|_| config.lease);
+    let mut sink = Sink::connect_as(
+        &db.url,
+        config.connect_timeout,
+        Some(config.host_id.clone()),
+        shared,
+    )
+    .await?;
     let mut checkpoint = sink.checkpoint().await?;
+    if nats_url.is_some() {
+        // Positions and stage state of a stream are per partition, read
+        // when a partition is taken (`source::nats`).
+        checkpoint.positions.clear();
+        checkpoint.states.clear();
+    }
     tracing::info!(
         files = checkpoint.positions.len(),
         stages_with_state = checkpoint.states.len(),
@@ -228,9 +254,28 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     if let Some(addr) = &config.metrics_addr {
         serve_http(addr, status.clone(), shutdown.clone()).await;
     }
-    let mut progress = config
-        .once
+    let mut progress = (config.once && nats_url.is_none())
         .then(|| BackfillProgress::new(&config.input, &committed));
+
+    // A shared stream: a task reading the partitions this host holds.
+    let mut nats = None;
+    let mut batch_tx = Some(batch_tx);
+    if let Some(url) = &nats_url {
+        let nats_config = NatsConfig {
+            url: url.clone(),
+            database_url: db.url.clone(),
+            host: config.host_id.clone(),
+            partitions: config.partitions,
+            lease: config.lease,
+            batch_size: config.batch_size,
+            once: config.once,
+        };
+        let (source, feedback, stream_status) =
+            NatsSource::connect(nats_config, shutdown.clone()).await?;
+        status.stream(stream_status);
+        let tx = batch_tx.take().context("the batch channel is taken once")?;
+        nats = Some((tokio::spawn(source.run(tx)), feedback));
+    }
 
     let mut source_config = SourceConfig::new(config.input.clone(), config.once);
     source_config.follow_symlinks = config.follow_symlinks;
@@ -246,9 +291,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
         None
     };
     let batcher = Batcher::new(config.batch_size, config.batch_interval);
-    let source_thread = std::thread::Builder::new()
-        .name("source".into())
-        .spawn(move || source.run(batcher, batch_tx))?;
+    let source_thread = match batch_tx {
+        Some(batch_tx) => Some(
+            std::thread::Builder::new()
+                .name("source".into())
+                .spawn(move || source.run(batcher, batch_tx))?,
+        ),
+        None => None,
+    };
 
     if !config.once {
         let plugins = config.plugins.clone();
@@ -279,13 +329,30 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
         };
         let Some(commit) = commit else { break };
         let done = tokio::select! {
-            done = sink.commit(&commit) => done?,
+            done = sink.commit(&commit) => done,
             () = &mut deadline => return Err(ShutdownTimedOut {
                 timeout: shutdown_timeout,
                 in_flight: Some((commit.rows_in, commit.events.len())),
             }
             .into()),
         };
+        let done = match (done, &nats) {
+            (Ok(done), _) => done,
+            (
+                Err(SinkError::LeaseLost {
+                    partition, epoch, ..
+                }),
+                Some((_, feedback)),
+            ) => {
+                tracing::warn!(partition, epoch, "a batch of a partition this host no longer holds was not committed: its new owner reads it again");
+                let _ = feedback.send(Feedback::Lost { partition, epoch });
+                continue;
+            }
+            (Err(e), _) => return Err(e.into()),
+        };
+        if let (Some(mark), Some((_, feedback))) = (&commit.partition, &nats) {
+            let _ = feedback.send(Feedback::Committed(mark.clone()));
+        }
         sink::record(m, &commit, &done);
         if let Some(feed) = &done_feed {
             let _ = feed.send(commit.positions.clone());
@@ -319,15 +386,64 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     }
 
     shutdown.store(true, Ordering::Relaxed);
-    match source_thread.join() {
-        Ok(result) => result?,
-        Err(_) => anyhow::bail!("the source thread panicked"),
+    if let Some(source_thread) = source_thread {
+        match source_thread.join() {
+            Ok(result) => result?,
+            Err(_) => anyhow::bail!("the source thread panicked"),
+        }
+    }
+    if let Some((task, feedback)) = nats {
+        drop(feedback);
+        let source = task.await.context("the stream source stopped")?;
+        let summary = source.finish().await;
+        print_summary(&summary);
     }
     match stage_thread.join() {
         Ok(result) => result?,
         Err(_) => anyhow::bail!("the stage thread panicked"),
     }
     Ok(totals)
+}
+
+/// `--host-id` by default: the machine's host name.
+pub fn default_host_id() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at
+    // most that many bytes.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(name) if ok && !name.is_empty() => name.to_owned(),
+        _ => "host".to_owned(),
+    }
+}
+
+/// What a host sharing a stream read, and what it left to others.
+fn print_summary(summary: &Summary) {
+    println!(
+        "partitions read and given back: {}",
+        list_partitions(summary.held.iter().copied())
+    );
+    if !summary.left.is_empty() {
+        let left: Vec<String> = summary
+            .left
+            .iter()
+            .map(|(p, host)| format!("{p} ({host})"))
+            .collect();
+        println!(
+            "partitions left to the live hosts holding them: {}",
+            left.join(", ")
+        );
+    }
+}
+
+fn list_partitions(parts: impl Iterator<Item = u32>) -> String {
+    let parts: Vec<String> = parts.map(|p| p.to_string()).collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 /// The batches in flight could not be committed within the shutdown
@@ -501,6 +617,12 @@ struct Stages {
     last_snapshot: Instant,
     /// Take every stage's snapshot with the next batch (after a swap).
     snapshot_now: bool,
+    /// A shared stream's stage state per partition, by stage name: the
+    /// chain is put back to a partition's state before each of its
+    /// batches, and its state taken after.
+    partition_states: HashMap<u32, Vec<(String, Vec<u8>)>>,
+    /// The partition whose state the chain holds.
+    current_partition: Option<u32>,
     events: Vec<PluginEvent>,
     m: &'static Metrics,
 }
@@ -519,6 +641,8 @@ impl Stages {
             settings,
             last_snapshot: Instant::now(),
             snapshot_now: false,
+            partition_states: HashMap::new(),
+            current_partition: None,
             events: Vec::new(),
             m: metrics::global(),
         };
@@ -605,8 +729,18 @@ impl Stages {
 
     /// Runs one batch; returns its commit, or `None` when the pause holds
     /// it again. Counts it in metrics and feeds the pause breaker.
-    fn run(&mut self, batch: Batch) -> Option<Commit> {
+    fn run(&mut self, mut batch: Batch) -> Option<Commit> {
+        let partition = batch
+            .partition
+            .as_mut()
+            .map(|m| (m.partition, m.restore.take()));
+        if let Some((p, restore)) = partition {
+            self.enter_partition(p, restore);
+        }
+        // A partition's state goes with every one of its batches: the
+        // next batch of the partition may be another host's.
         let due = std::mem::take(&mut self.snapshot_now)
+            || self.current_partition.is_some()
             || self.last_snapshot.elapsed() >= self.settings.snapshot_interval;
         if due {
             self.last_snapshot = Instant::now();
@@ -621,6 +755,14 @@ impl Stages {
         match ran {
             Ran::Commit(commit) => {
                 let mut commit = *commit;
+                if let Some(mark) = &commit.partition {
+                    let states = commit
+                        .snapshots
+                        .iter()
+                        .map(|s| (s.stage.name.clone(), s.state.clone()))
+                        .collect();
+                    self.partition_states.insert(mark.partition, states);
+                }
                 commit.plugin_events = std::mem::take(&mut self.events);
                 record(m, &commit);
                 if let Some(pause) = self.hold.observe(&commit) {
@@ -636,9 +778,40 @@ impl Stages {
         }
     }
 
+    /// Puts the chain in partition `p`'s state (`restore`d from the
+    /// database when the partition was just taken), unless it is in it.
+    fn enter_partition(&mut self, p: u32, restore: Option<Vec<(String, Vec<u8>)>>) {
+        let restored = restore.is_some();
+        if let Some(states) = restore {
+            self.partition_states.insert(p, states);
+        }
+        if !restored && self.current_partition == Some(p) {
+            return;
+        }
+        let states = self.partition_states.get(&p);
+        let snapshots = self
+            .chain
+            .versions()
+            .into_iter()
+            .map(|stage| {
+                let state = states
+                    .and_then(|s| s.iter().find(|(name, _)| *name == stage.name))
+                    .map(|(_, state)| state.clone())
+                    .unwrap_or_default();
+                StageSnapshot { stage, state }
+            })
+            .collect();
+        self.chain.rewind(snapshots);
+        self.current_partition = Some(p);
+    }
+
     /// The last commit of a run: every stage's state, the shadow diffs
-    /// still in flight and the events since the last batch.
+    /// still in flight and the events since the last batch. None for a
+    /// shared stream: each partition's state went with its batches.
     fn finish(mut self) -> Option<Commit> {
+        if self.current_partition.is_some() {
+            return None;
+        }
         let snapshots = self.chain.snapshots(true);
         let shadow_diffs = self.chain.finish_shadows();
         for diff in &shadow_diffs {
@@ -738,6 +911,7 @@ fn process(
         snapshots,
         shadow_diffs: out.shadows,
         plugin_events: Vec::new(),
+        partition: batch.partition,
     }
 }
 

@@ -266,6 +266,30 @@ pub struct Document {
     pub quarantine: Quarantine,
     /// Oldest first, one point a second, the last five minutes.
     pub history: Vec<Point>,
+    /// The partitions of a shared stream (`--input nats://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamDoc>,
+}
+
+/// A shared stream's partitions: owner, lag and what was committed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StreamDoc {
+    pub stream: String,
+    /// This host's id.
+    pub host: String,
+    pub partitions: Vec<PartitionDoc>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PartitionDoc {
+    pub partition: u32,
+    pub owner: Option<String>,
+    /// Whether the owner's lease runs.
+    pub live: bool,
+    pub committed_seq: u64,
+    /// Messages not yet delivered (known while this host holds it).
+    pub pending: u64,
+    pub redelivered: u64,
 }
 
 /// Counters as a sample of the history holds them.
@@ -297,6 +321,7 @@ struct Inner {
 /// HTTP server.
 pub struct Status {
     input: PathBuf,
+    stream: Mutex<Option<crate::source::nats::SharedStatus>>,
     started: SystemTime,
     started_at: Instant,
     inner: Mutex<Inner>,
@@ -325,6 +350,7 @@ impl Status {
         };
         let status = Status {
             input,
+            stream: Mutex::new(None),
             started: SystemTime::now(),
             started_at: Instant::now(),
             inner: Mutex::new(inner),
@@ -339,6 +365,34 @@ impl Status {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The input is a shared stream: its partitions replace the folder lag.
+    pub fn stream(&self, stream: crate::source::nats::SharedStatus) {
+        if let Ok(mut s) = self.stream.lock() {
+            *s = Some(stream);
+        }
+    }
+
+    fn stream_doc(&self) -> Option<StreamDoc> {
+        let shared = self.stream.lock().ok()?.clone()?;
+        let s = shared.lock().ok()?;
+        Some(StreamDoc {
+            stream: s.stream.clone(),
+            host: s.host.clone(),
+            partitions: s
+                .partitions
+                .values()
+                .map(|p| PartitionDoc {
+                    partition: p.partition,
+                    owner: p.owner.clone(),
+                    live: p.live,
+                    committed_seq: p.committed_seq,
+                    pending: p.pending,
+                    redelivered: p.redelivered,
+                })
+                .collect(),
+        })
     }
 
     /// A batch the database committed.
@@ -418,7 +472,11 @@ impl Status {
     pub fn tick(&self) {
         let lag = {
             let committed = self.lock().committed.clone();
-            measure_lag(&self.input, &committed)
+            if self.stream.lock().is_ok_and(|s| s.is_some()) {
+                Lag::default()
+            } else {
+                measure_lag(&self.input, &committed)
+            }
         };
         let mut s = self.lock();
         s.lag = lag;
@@ -545,6 +603,7 @@ impl Status {
                 by_reason,
             },
             history,
+            stream: self.stream_doc(),
         }
     }
 }

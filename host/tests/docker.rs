@@ -79,6 +79,43 @@ fn compose_file_is_consistent() {
             }
         }
     }
+    // Profile `scale`: NATS with JetStream, the generator publishing to
+    // the stream three hosts with their own ids read.
+    let scale = |name: &str| {
+        let service = &compose["services"][name];
+        assert_eq!(
+            service["profiles"][0].as_str(),
+            Some("scale"),
+            "{name} is in profile scale"
+        );
+        service
+    };
+    let args = |service: &serde_yaml::Value| -> Vec<String> {
+        service["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let after = |args: &[String], flag: &str| {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1].clone()
+    };
+    assert!(args(scale("nats")).contains(&"-js".to_owned()));
+    let stream = after(&args(scale("generator-nats")), "--output");
+    assert!(stream.starts_with("nats://nats:4222/"), "{stream}");
+    let mut ids = std::collections::BTreeSet::new();
+    for name in ["host-1", "host-2", "host-3"] {
+        let args = args(scale(name));
+        assert_eq!(after(&args, "--input"), stream, "{name} reads the stream");
+        ids.insert(after(&args, "--host-id"));
+        assert!(compose["services"][name]["depends_on"]
+            .get("nats")
+            .is_some());
+    }
+    assert_eq!(ids.len(), 3, "each host has its own --host-id");
+
     let sql = std::fs::read_to_string(docker.join("postgres/postgres_setup.sql")).unwrap();
     let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(squash(&sql).contains(&squash(host::sink::schema::EVENTS_TABLE.trim())));

@@ -37,7 +37,7 @@ use rand::RngExt;
 use serde_json::json;
 use tokio_postgres::{Client, NoTls, Statement, Transaction};
 
-use crate::batch::{FileRef, Malformed, Origin, Position};
+use crate::batch::{FileRef, Malformed, Origin, PartitionMark, Position};
 use crate::checkpoint::{self, Checkpoint};
 use crate::metrics::{self, Metrics};
 use crate::stage::chain::{StageRejection, StageRun, StageSnapshot};
@@ -63,6 +63,12 @@ pub enum SinkError {
     Shutdown,
     #[error("another host took this database over since this one started (its generation {mine}, the database's now {now}): what this host read before may be committed already. It stops here; start it again to resume from what is committed")]
     Fenced { mine: i64, now: i64 },
+    #[error("partition {partition} of stream {stream} is no longer this host's (lease epoch {epoch} lost or expired): its batch is not committed; the partition's new owner reads it from the last committed sequence")]
+    LeaseLost {
+        stream: String,
+        partition: u32,
+        epoch: i64,
+    },
     #[error("the batch would move {count} committed file position(s) backwards (the database is ahead of this host's view of its input): nothing is committed; start the host again to resume from what is committed")]
     Backwards { count: usize },
 }
@@ -73,9 +79,10 @@ impl SinkError {
         match self {
             SinkError::Db(e) | SinkError::Connect { source: e, .. } => Fault::of(e),
             SinkError::Timeout(_) | SinkError::Locked(_) => Fault::Transient,
-            SinkError::Shutdown | SinkError::Fenced { .. } | SinkError::Backwards { .. } => {
-                Fault::Persistent
-            }
+            SinkError::Shutdown
+            | SinkError::Fenced { .. }
+            | SinkError::Backwards { .. }
+            | SinkError::LeaseLost { .. } => Fault::Persistent,
         }
     }
 
@@ -110,6 +117,8 @@ pub struct Commit {
     pub shadow_diffs: Vec<ShadowDiff>,
     /// Plugin events since the last batch.
     pub plugin_events: Vec<PluginEvent>,
+    /// The partition of a shared stream the batch was read from.
+    pub partition: Option<PartitionMark>,
 }
 
 /// Counts of a committed batch.
@@ -137,6 +146,13 @@ pub struct Sink {
     /// lock and the rows of its open transaction, for as long as the
     /// server's own keepalive takes. The next connection ends it.
     session: Option<(i32, String)>,
+    /// Written into every batch record (`--host-id`).
+    host: Option<String>,
+    /// Set when hosts share the database by partitions of a stream (see
+    /// `source::lease`) rather than by the host lock: no lock, no
+    /// generation, and the server aborts a transaction left idle this
+    /// long (a stalled host must not hold a partition's row).
+    shared: Option<Duration>,
 }
 
 /// How many batches go through staging after a conflict on the fast path.
@@ -146,12 +162,25 @@ impl Sink {
     /// Connects, creates the schema if absent and takes the host lock.
     /// Retries until `patience` runs out: the server may be starting.
     pub async fn connect(url: &str, patience: Duration) -> Result<Sink, SinkError> {
+        Sink::connect_as(url, patience, None, None).await
+    }
+
+    /// `connect`, naming `host` in the batch records; with `shared` the
+    /// host lock is not taken (see the field).
+    pub async fn connect_as(
+        url: &str,
+        patience: Duration,
+        host: Option<String>,
+        shared: Option<Duration>,
+    ) -> Result<Sink, SinkError> {
         let mut sink = Sink {
             url: url.to_owned(),
             conn: None,
             staging_for: 0,
             generation: None,
             session: None,
+            host,
+            shared,
         };
         let deadline = Instant::now() + patience;
         let mut backoff = Backoff::default();
@@ -205,6 +234,17 @@ impl Sink {
         let mut client = client;
         schema::migrate(&mut client).await?;
         client.batch_execute(schema::STAGING_TABLE).await?;
+        if let Some(idle) = self.shared {
+            client
+                .batch_execute(&format!(
+                    "SET idle_in_transaction_session_timeout = {}",
+                    idle.as_millis().max(1000)
+                ))
+                .await?;
+            let statements = Statements::prepare(&client).await?;
+            self.conn = Some((client, statements));
+            return Ok(());
+        }
         let locked: bool = client
             .query_one("SELECT pg_try_advisory_lock($1)", &[&schema::HOST_LOCK])
             .await?
@@ -284,6 +324,7 @@ impl Sink {
                     return Ok(done);
                 }
                 Err(e) if e.is_fatal() => return Err(e),
+                Err(e @ SinkError::LeaseLost { .. }) => return Err(e),
                 Err(e) if e.fault() == Fault::Data && !bisect => {
                     // The transaction was rolled back; the connection is fine.
                     tracing::warn!(batch = %commit.id, "{e}; finding the rows it refuses, to quarantine them and commit the rest");
@@ -323,7 +364,11 @@ impl Sink {
         {
             self.reconnect().await?;
         }
-        let generation = self.generation.ok_or(SinkError::Shutdown)?;
+        let generation = match self.shared {
+            Some(_) => None,
+            None => Some(self.generation.ok_or(SinkError::Shutdown)?),
+        };
+        let host = self.host.as_deref();
         let (client, st) = self.conn.as_mut().ok_or(SinkError::Shutdown)?;
         if uncertain {
             if let Some(row) = client
@@ -344,17 +389,17 @@ impl Sink {
             }
         }
         if bisect {
-            return write(client, st, commit, generation, Path::Bisect).await;
+            return write(client, st, commit, (generation, host), Path::Bisect).await;
         }
         if self.staging_for > 0 {
             self.staging_for -= 1;
-            return write(client, st, commit, generation, Path::Staging).await;
+            return write(client, st, commit, (generation, host), Path::Staging).await;
         }
-        match write(client, st, commit, generation, Path::Direct).await {
+        match write(client, st, commit, (generation, host), Path::Direct).await {
             Err(SinkError::Db(e)) if fault::is_unique_violation(&e) => {
                 tracing::debug!(batch = %commit.id, "batch holds rows the table has; writing it through staging");
                 self.staging_for = STAGING_AFTER_CONFLICT;
-                write(client, st, commit, generation, Path::Staging).await
+                write(client, st, commit, (generation, host), Path::Staging).await
             }
             other => other,
         }
@@ -378,6 +423,19 @@ fn connection_config(url: &str) -> Result<tokio_postgres::Config, tokio_postgres
         .keepalives_retries(3)
         .tcp_user_timeout(Duration::from_secs(20));
     Ok(config)
+}
+
+/// A connection of its own, with the sink's keepalives, for the lease
+/// keeper of a shared stream (`source::lease`).
+pub async fn connect_client(url: &str) -> Result<Client, SinkError> {
+    let connect_error = |source| SinkError::Connect {
+        url: redact(url),
+        source,
+    };
+    let config = connection_config(url).map_err(connect_error)?;
+    let (client, connection) = config.connect(NoTls).await.map_err(connect_error)?;
+    tokio::spawn(drive(connection));
+    Ok(client)
 }
 
 /// Drives a connection until it ends. Notices (`relation ... already
@@ -423,6 +481,8 @@ struct Statements {
     positions: Statement,
     forget: Statement,
     state: Statement,
+    partition: Statement,
+    partition_state: Statement,
 }
 
 impl Statements {
@@ -447,10 +507,12 @@ impl Statements {
             batch: client
                 .prepare(
                     // No row when the generation is not this host's: fenced.
+                    // Hosts sharing a stream pass none: their partitions'
+                    // leases fence them instead.
                     "INSERT INTO pipeline.batches (batch_uuid, files, rows_in, rows_written, rows_conflicting,
-                         rows_malformed, rows_rejected, rows_failed, rows_dropped, stages, latency_ms, read_ms, write_ms)
-                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13
-                     FROM pipeline.lease WHERE generation = $14 RETURNING batch_id",
+                         rows_malformed, rows_rejected, rows_failed, rows_dropped, stages, latency_ms, read_ms, write_ms, host)
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $15
+                     FROM pipeline.lease WHERE $14::int8 IS NULL OR generation = $14 RETURNING batch_id",
                 )
                 .await?,
             quarantine: client
@@ -487,6 +549,24 @@ impl Statements {
                      VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (stage) DO UPDATE SET version = excluded.version, component_hash = excluded.component_hash,
                          state = excluded.state, batch_id = excluded.batch_id, updated_at = now()",
+                )
+                .await?,
+            partition: client
+                .prepare(
+                    // Only under the lease this batch was read with, still
+                    // running: the row lock orders it against a takeover,
+                    // which then reads this sequence.
+                    "UPDATE pipeline.partitions SET committed_seq = $4, batch_id = $5
+                     WHERE stream = $1 AND partition = $2 AND epoch = $3 AND host = $6
+                       AND expires_at > statement_timestamp() AND committed_seq < $4",
+                )
+                .await?,
+            partition_state: client
+                .prepare(
+                    "INSERT INTO pipeline.partition_state (stream, partition, stage, version, component_hash, state, batch_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (stream, partition, stage) DO UPDATE SET version = excluded.version,
+                         component_hash = excluded.component_hash, state = excluded.state, batch_id = excluded.batch_id",
                 )
                 .await?,
         })
@@ -571,7 +651,7 @@ async fn write(
     client: &mut Client,
     st: &Statements,
     c: &Commit,
-    generation: i64,
+    (generation, host): (Option<i64>, Option<&str>),
     path: Path,
 ) -> Result<Committed, SinkError> {
     let started = Instant::now();
@@ -613,7 +693,14 @@ async fn write(
             "rejected": r.rejected, "failed": r.failed,
         }))
         .collect::<Vec<_>>());
-    let files: Vec<&str> = c.positions.iter().map(|p| &*p.path).collect();
+    let subject = c
+        .partition
+        .as_ref()
+        .map(|m| crate::jetstream::subject(&m.stream, m.partition));
+    let files: Vec<&str> = match &subject {
+        Some(subject) => vec![subject.as_str()],
+        None => c.positions.iter().map(|p| &*p.path).collect(),
+    };
     let rejected = c.rejections.iter().filter(|(r, _)| !r.failure).count() as i32;
     // Rows the database refused count as failed: the batch record's counts
     // still add up to rows_in.
@@ -642,6 +729,7 @@ async fn write(
                 &read_ms,
                 &write_ms,
                 &generation,
+                &host,
             ],
         )
         .await?
@@ -653,11 +741,34 @@ async fn write(
                 .await?
                 .get(0);
             return Err(SinkError::Fenced {
-                mine: generation,
+                mine: generation.unwrap_or_default(),
                 now,
             });
         }
     };
+
+    if let Some(m) = &c.partition {
+        let held = tx
+            .execute(
+                &st.partition,
+                &[
+                    &&*m.stream,
+                    &(m.partition as i32),
+                    &m.epoch,
+                    &(m.seq as i64),
+                    &batch_id,
+                    &host,
+                ],
+            )
+            .await?;
+        if held == 0 {
+            return Err(SinkError::LeaseLost {
+                stream: m.stream.to_string(),
+                partition: m.partition,
+                epoch: m.epoch,
+            });
+        }
+    }
 
     if !c.malformed.is_empty() || !c.rejections.is_empty() || !rows.refused.is_empty() {
         let mut q = Quarantine::default();
@@ -757,7 +868,23 @@ async fn write(
         }
     }
 
-    for s in &c.snapshots {
+    for s in c.snapshots.iter().filter(|_| c.partition.is_some()) {
+        let m = c.partition.as_ref().ok_or(SinkError::Shutdown)?;
+        tx.execute(
+            &st.partition_state,
+            &[
+                &&*m.stream,
+                &(m.partition as i32),
+                &s.stage.name,
+                &s.stage.version,
+                &s.stage.hash,
+                &s.state,
+                &batch_id,
+            ],
+        )
+        .await?;
+    }
+    for s in c.snapshots.iter().filter(|_| c.partition.is_none()) {
         tx.execute(
             &st.state,
             &[

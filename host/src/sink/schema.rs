@@ -150,6 +150,9 @@ pub const MIGRATIONS: &[&[&str]] = &[
     &[MIGRATION_2],
     // 3: files known by content as well as by inode.
     &[MIGRATION_FILE_IDENTITY],
+    // 4: streams shared by several hosts (`--input nats://`), and which
+    // host committed each batch.
+    &[MIGRATION_NATS],
 ];
 
 const MIGRATION_FILE_IDENTITY: &str = "
@@ -182,6 +185,46 @@ INSERT INTO pipeline.lease (id, generation) VALUES (1, 0) ON CONFLICT DO NOTHING
 -- Times a file was read again from its start (truncated): a position
 -- moves backwards only with a higher count.
 ALTER TABLE pipeline.positions ADD COLUMN IF NOT EXISTS reads INT NOT NULL DEFAULT 0;
+";
+
+const MIGRATION_NATS: &str = "
+-- The host that committed the batch (`--host-id`).
+ALTER TABLE pipeline.batches ADD COLUMN IF NOT EXISTS host TEXT;
+-- One row per partition of a shared stream: its owner, the owner's lease
+-- epoch (bumped by every takeover) and when the lease ends, and the last
+-- stream sequence committed for it. A commit updates its partition's row
+-- only while its epoch is the row's and its lease runs: the row lock it
+-- takes orders it against a takeover.
+CREATE TABLE IF NOT EXISTS pipeline.partitions (
+    stream        TEXT NOT NULL,
+    partition     INT NOT NULL,
+    host          TEXT,
+    epoch         BIGINT NOT NULL DEFAULT 0,
+    expires_at    TIMESTAMPTZ NOT NULL DEFAULT '-infinity',
+    committed_seq BIGINT NOT NULL DEFAULT 0,
+    batch_id      BIGINT,
+    PRIMARY KEY (stream, partition)
+);
+-- The hosts consuming a stream, and when each was last seen: the live
+-- ones share its partitions.
+CREATE TABLE IF NOT EXISTS pipeline.stream_hosts (
+    stream  TEXT NOT NULL,
+    host    TEXT NOT NULL,
+    seen_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, host)
+);
+-- Stage state per partition, committed with the partition's sequence.
+CREATE TABLE IF NOT EXISTS pipeline.partition_state (
+    stream         TEXT NOT NULL,
+    partition      INT NOT NULL,
+    stage          TEXT NOT NULL,
+    version        TEXT NOT NULL,
+    component_hash TEXT NOT NULL,
+    state          BYTEA NOT NULL,
+    batch_id       BIGINT NOT NULL,
+    PRIMARY KEY (stream, partition, stage)
+);
+ALTER TABLE pipeline.partition_state ALTER COLUMN state SET STORAGE EXTERNAL;
 ";
 
 /// The version this host's code expects.

@@ -15,6 +15,8 @@
 
 mod file;
 mod identity;
+pub mod lease;
+pub mod nats;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
