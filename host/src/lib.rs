@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod plugin_test;
 pub mod plugins;
 pub mod progress;
+pub mod quarantine;
 pub mod replay;
 pub mod scaffold;
 pub mod sink;

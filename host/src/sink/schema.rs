@@ -148,6 +148,8 @@ pub const MIGRATIONS: &[&[&str]] = &[
     &[EVENTS_TABLE, PIPELINE_SCHEMA],
     // 2: fencing (a generation per host start) and re-read counts.
     &[MIGRATION_2],
+    // 3: quarantine rows replayed (`host quarantine replay`).
+    &[MIGRATION_QUARANTINE_REPLAY],
 ];
 
 const MIGRATION_2: &str = "
@@ -163,6 +165,15 @@ INSERT INTO pipeline.lease (id, generation) VALUES (1, 0) ON CONFLICT DO NOTHING
 -- Times a file was read again from its start (truncated): a position
 -- moves backwards only with a higher count.
 ALTER TABLE pipeline.positions ADD COLUMN IF NOT EXISTS reads INT NOT NULL DEFAULT 0;
+";
+
+const MIGRATION_QUARANTINE_REPLAY: &str = "
+-- The batch that committed a replay of the row (NULL: still open). Rows
+-- are kept for audit.
+ALTER TABLE pipeline.quarantine ADD COLUMN IF NOT EXISTS replayed_batch BIGINT;
+-- On a row a replay quarantined again: the row it replayed.
+ALTER TABLE pipeline.quarantine ADD COLUMN IF NOT EXISTS replay_of BIGINT;
+CREATE INDEX IF NOT EXISTS quarantine_open ON pipeline.quarantine (id) WHERE replayed_batch IS NULL;
 ";
 
 /// The version this host's code expects.
