@@ -8,7 +8,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 HOST := target/release/host
 
-.PHONY: run build plugins examples fixtures test lint toolchain postgres browser clean bench bench-languages
+.PHONY: run build plugins examples fixtures test lint toolchain postgres browser c-toolchain clean bench bench-languages
 
 run: build
 	@mkdir -p data/input
@@ -69,9 +69,19 @@ browser:
 	  (echo "installing chromium and tmux for the dashboard tests"; \
 	   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium tmux >/dev/null)
 
+# The C toolchain of `host plugin new --lang c` (host/tests/languages.rs):
+# a scaffolded C stage's build.sh installs what is missing (apt: clang-19,
+# lld-19, wasi-libc, libclang-rt-19-dev-wasm32; cargo: wit-bindgen-cli
+# 0.63 into ~/.cache/ecommerce-pipeline/c-toolchain) and builds; later
+# builds reuse it.
+c-toolchain: build
+	@rm -rf target/c-toolchain
+	@$(HOST) plugin new toolchain_check --lang c --plugins target/c-toolchain >/dev/null
+	bash target/c-toolchain/c/toolchain_check/build.sh
+
 # Every test binary runs even when one fails (--no-fail-fast); the run ends
 # with the failed tests listed, and fails if any did.
-test: build examples fixtures postgres browser
+test: build examples fixtures postgres browser c-toolchain
 	cd plugins/python/currency && python3 -m unittest -q test_app
 	cd plugins/rust && $(CARGO) test --release
 	@set -o pipefail; $(CARGO) test --release --workspace --no-fail-fast 2>&1 | tee target/test.log; status=$$?; \

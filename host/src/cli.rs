@@ -38,12 +38,92 @@ pub enum Command {
     /// candidate version beside the live one, and print how their outputs
     /// differ (as shadow mode records it), writing nothing.
     Replay(ReplayArgs),
+    /// The records that did not reach the table: list the open ones, or
+    /// replay them through the current stages once the cause is fixed.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
     /// Measure the pipeline against PostgreSQL's own COPY ceiling, its
     /// latency from file to table, and its memory; print a table and JSON.
     Bench(BenchArgs),
     /// Watch a running host in the terminal: stages with totals and rates,
     /// lag, latency, the last plugin events (q quits, s sorts, / filters).
     Top(TopArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QuarantineCommand {
+    /// Count the open quarantine rows by kind, stage and reason, and show
+    /// samples (file, line, raw text, reason). Rows already replayed are
+    /// left out.
+    List(QuarantineListArgs),
+    /// Run open rejected and failed records (or, with --kind malformed,
+    /// malformed ones, parsed again) through the manifest's current chain:
+    /// what it keeps is written exactly once, what it rejects is
+    /// quarantined again, and the replayed rows are marked with the batch
+    /// that committed them. Safe beside a running host and when killed.
+    Replay(QuarantineReplayArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct QuarantineFilterArgs {
+    /// Only rows of this kind (repeatable) [default: list all; replay
+    /// rejected and failed].
+    #[arg(long = "kind", value_enum)]
+    pub kinds: Vec<crate::quarantine::Kind>,
+    /// Only rows of this stage.
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// Only rows whose reason contains this text (any case).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only rows quarantined since this time (RFC 3339 or a date), or for
+    /// this long ("2h", "30m").
+    #[arg(long)]
+    pub since: Option<String>,
+    /// The database the pipeline writes to.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl QuarantineFilterArgs {
+    pub fn filter(&self) -> crate::quarantine::Filter {
+        crate::quarantine::Filter {
+            kinds: self.kinds.clone(),
+            stage: self.stage.clone(),
+            reason: self.reason.clone(),
+            since: self.since.clone(),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct QuarantineListArgs {
+    #[command(flatten)]
+    pub filter: QuarantineFilterArgs,
+    /// Sample rows to show.
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct QuarantineReplayArgs {
+    #[command(flatten)]
+    pub filter: QuarantineFilterArgs,
+    /// Folder with the plugin manifest (pipeline.toml) and the stage components.
+    #[arg(long, default_value = "plugins")]
+    pub plugins: PathBuf,
+    /// Records per batch (one chain call and one transaction each).
+    #[arg(long, default_value_t = 5000)]
+    pub batch_size: usize,
+    /// Compiled-component cache; "off" disables.
+    #[arg(long, default_value = "data/cache")]
+    pub cache_dir: PathBuf,
+    /// Print what would be kept, changed and rejected; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]

@@ -23,6 +23,7 @@ pub mod plugin_test;
 pub mod plugins;
 pub mod progress;
 pub mod publish;
+pub mod quarantine;
 pub mod replay;
 pub mod scaffold;
 pub mod sink;

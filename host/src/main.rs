@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 
-use host::cli::{Cli, Command, PluginCommand, PluginsCommand};
+use host::cli::{Cli, Command, PluginCommand, PluginsCommand, QuarantineCommand};
 use host::generate::{GenerateConfig, Generator};
 use host::pipeline::{self, RunConfig};
 use host::plugin_test::{self, PluginTest};
@@ -134,6 +134,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 plugins: args.plugins,
                 batch_size: args.batch_size,
                 json: args.json,
+            })?;
+            Ok(())
+        }
+        Command::Quarantine(QuarantineCommand::List(args)) => {
+            host::quarantine::list::run(host::quarantine::list::ListArgs {
+                database_url: host::quarantine::database_url(args.filter.database_url.clone())?,
+                filter: args.filter.filter(),
+                samples: args.samples,
+                json: args.filter.json,
+            })?;
+            Ok(())
+        }
+        Command::Quarantine(QuarantineCommand::Replay(args)) => {
+            host::quarantine::replay::run(host::quarantine::replay::ReplayArgs {
+                database_url: host::quarantine::database_url(args.filter.database_url.clone())?,
+                filter: args.filter.filter(),
+                plugins: args.plugins,
+                cache_dir: (args.cache_dir.as_os_str() != "off").then_some(args.cache_dir),
+                batch_size: args.batch_size,
+                dry_run: args.dry_run,
+                json: args.filter.json,
             })?;
             Ok(())
         }

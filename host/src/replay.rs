@@ -48,30 +48,48 @@ pub struct ReplayReport {
     pub samples: Vec<DiffSample>,
 }
 
+/// The manifest's chain, every stage started from an empty state, for a
+/// run outside `host run`: only `shadow`'s stage (if any) runs a shadow
+/// candidate, the component given. Returns the chain and the runtime.
+pub fn start_chain(
+    plugins: &Path,
+    cache_dir: Option<PathBuf>,
+    shadow: Option<(&str, &Path)>,
+) -> anyhow::Result<(Chain, Arc<Runtime>)> {
+    let mut manifest = Manifest::load(plugins)?;
+    if let Some((stage, _)) = shadow {
+        if !manifest.stages.iter().any(|s| s.name == stage) {
+            let names: Vec<&str> = manifest.stages.iter().map(|s| s.name.as_str()).collect();
+            bail!(
+                "{} has no stage {stage:?}; its stages: {}",
+                manifest.path.display(),
+                names.join(", ")
+            );
+        }
+    }
+    for spec in &mut manifest.stages {
+        spec.shadow = shadow
+            .filter(|(stage, _)| spec.name == *stage)
+            .map(|(_, candidate)| candidate.to_owned());
+    }
+    let runtime = Arc::new(Runtime::new(cache_dir)?);
+    let mut loader = Loader::new(runtime.clone());
+    let plan = loader.plan(&manifest)?;
+    let chain = Chain::start(runtime.clone(), plan, &HashMap::new())?;
+    Ok((chain, runtime))
+}
+
 pub fn run(args: ReplayArgs) -> anyhow::Result<ReplayReport> {
-    let mut manifest = Manifest::load(&args.plugins)?;
-    let names: Vec<String> = manifest.stages.iter().map(|s| s.name.clone()).collect();
     let candidate = std::path::absolute(&args.component)
         .with_context(|| format!("cannot resolve {}", args.component.display()))?;
-    // Only the stage asked about runs a candidate.
-    for spec in &mut manifest.stages {
-        spec.shadow = (spec.name == args.stage).then(|| candidate.clone());
-    }
-    if !names.contains(&args.stage) {
-        bail!(
-            "{} has no stage {:?}; its stages: {}",
-            manifest.path.display(),
-            args.stage,
-            names.join(", ")
-        );
-    }
-    let runtime = Arc::new(Runtime::new(args.cache_dir.clone())?);
+    let (mut chain, runtime) = start_chain(
+        &args.plugins,
+        args.cache_dir.clone(),
+        Some((&args.stage, &candidate)),
+    )?;
     let loaded = runtime
         .load(&candidate)
         .with_context(|| format!("candidate {} does not load", candidate.display()))?;
-    let mut loader = Loader::new(runtime.clone());
-    let plan = loader.plan(&manifest)?;
-    let mut chain = Chain::start(runtime, plan, &HashMap::new())?;
     chain.compare_every_batch();
 
     let mut report = ReplayReport {

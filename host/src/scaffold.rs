@@ -1,5 +1,5 @@
-//! `host plugin new`: scaffolds a working stage in Rust, Python or
-//! JavaScript under `<plugins>/<lang>/<name>/`: source, build script, a
+//! `host plugin new`: scaffolds a working stage in Rust, Python,
+//! JavaScript or C under `<plugins>/<lang>/<name>/`: source, build script, a
 //! copy of the WIT contract, a sample CSV and the manifest entry. What it
 //! writes builds as is and passes `host plugin test`.
 
@@ -14,6 +14,7 @@ pub enum Lang {
     Rust,
     Python,
     Js,
+    C,
 }
 
 impl Lang {
@@ -22,6 +23,7 @@ impl Lang {
             Lang::Rust => "rust",
             Lang::Python => "python",
             Lang::Js => "js",
+            Lang::C => "c",
         }
     }
 
@@ -44,6 +46,11 @@ impl Lang {
                 ("package.json", include_str!("../templates/js/package.json")),
                 ("build.sh", include_str!("../templates/js/build.sh")),
                 (".gitignore", "node_modules/\n"),
+            ],
+            Lang::C => vec![
+                ("stage.c", include_str!("../templates/c/stage.c")),
+                ("build.sh", include_str!("../templates/c/build.sh")),
+                (".gitignore", "/gen/\n"),
             ],
         }
     }

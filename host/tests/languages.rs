@@ -480,3 +480,144 @@ fn currency_in_rust_python_and_javascript_gives_identical_rows() {
         }
     }
 }
+
+/// Scaffolds stage `name` in `lang` under `plugins` and builds it with the
+/// printed command; returns the component.
+fn scaffold_and_build(
+    plugins: &std::path::Path,
+    lang: &str,
+    name: &str,
+    env: &[(&str, std::path::PathBuf)],
+) -> std::path::PathBuf {
+    let out = host()
+        .args(["plugin", "new", name, "--lang", lang, "--plugins"])
+        .arg(plugins)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stage_dir = plugins.join(lang).join(name);
+    assert!(printed.contains(&format!("bash {}/build.sh", stage_dir.display())));
+    let mut build = std::process::Command::new("bash");
+    build.arg(stage_dir.join("build.sh"));
+    for (key, value) in env {
+        build.env(key, value);
+    }
+    let built = build.output().unwrap();
+    assert!(
+        built.status.success(),
+        "{lang} build: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    plugins.join(format!("{name}.wasm"))
+}
+
+#[test]
+fn a_c_stage_scaffolded_builds_passes_plugin_test_and_matches_rust_row_by_row() {
+    let dir = scratch("plugin_new_c");
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    // The first build installs the C toolchain (apt, cargo) and caches it;
+    // the Rust one keeps its build under target/ between runs.
+    let c = scaffold_and_build(&plugins, "c", "my_c", &[]);
+    let rust = scaffold_and_build(
+        &plugins,
+        "rust",
+        "my_rust",
+        &[("CARGO_TARGET_DIR", repo().join("target/test-scaffold-rust"))],
+    );
+
+    // As generated: `host plugin test` over its own sample.
+    let sample = plugins.join("c/my_c/sample.csv");
+    let test = host()
+        .args(["plugin", "test"])
+        .arg(&c)
+        .arg("--input")
+        .arg(&sample)
+        .arg("--cache-dir")
+        .arg(cache_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&test.stdout);
+    assert!(
+        test.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&test.stderr)
+    );
+    assert!(
+        text.contains("event_type: \"Purchase\" -> \"purchase\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("rejected 6ba7b810-9dad-41d1-80b4-00c04fd430c8: negative price"),
+        "{text}"
+    );
+    assert!(plugins.join("c/my_c/stage.toml").exists());
+
+    // The same rule in C and in Rust: the same outcome for every row, over
+    // generated input with mixed-case types, negative prices and several
+    // batches (an empty one among them when a batch holds only bad rows).
+    let input = dir.join("input");
+    generate(
+        &input,
+        &[
+            "--files",
+            "1",
+            "--events-per-file",
+            "3000",
+            "--seed",
+            "5",
+            "--invalid-rate",
+            "0.01",
+        ],
+    );
+    let negative: Vec<String> = (0..40)
+        .map(|i| {
+            format!(
+                "{},{},{},{},-{}.{:02},2026-01-05T00:00:00Z",
+                uuid::Uuid::new_v4(),
+                i + 1,
+                ["VIEW", "Purchase", "add_to_cart"][i % 3],
+                i + 7,
+                i,
+                i % 100
+            )
+        })
+        .collect();
+    write_csv(&input, "negative.csv", &negative);
+    for file in std::fs::read_dir(&input).unwrap() {
+        let file = file.unwrap().path();
+        let with_batches = |component: &std::path::Path| {
+            let mut cmd = host();
+            cmd.args(["plugin", "test"])
+                .arg(component)
+                .arg("--input")
+                .arg(&file)
+                .args(["--json", "--batch-size", "700", "--cache-dir"])
+                .arg(cache_dir());
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter(|v| v.get("summary").is_none())
+                .collect::<Vec<_>>()
+        };
+        let (from_c, from_rust) = (with_batches(&c), with_batches(&rust));
+        assert!(
+            from_c.len() >= 40,
+            "{} rows from {}",
+            from_c.len(),
+            file.display()
+        );
+        assert_eq!(from_c, from_rust, "C and Rust differ on {}", file.display());
+    }
+}

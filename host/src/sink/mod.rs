@@ -587,11 +587,43 @@ enum Path {
 
 /// What the rows of a batch came to.
 #[derive(Debug, Default)]
-struct Rows {
-    written: u64,
-    conflicting: u64,
+pub struct Rows {
+    pub written: u64,
+    pub conflicting: u64,
     /// Index into the batch's events, and the database's reason.
-    refused: Vec<(usize, String)>,
+    pub refused: Vec<(usize, String)>,
+}
+
+/// The sink's insert path for writers other than the pipeline (`host
+/// quarantine replay`), which may write rows the table has: COPY into the
+/// connection's staging table, then `INSERT .. ON CONFLICT (event_id) DO
+/// NOTHING`, under savepoints that find the rows the database refuses.
+/// It takes no pipeline lock and commits nothing: the caller's
+/// transaction holds whatever else must commit with the rows.
+pub struct RowWriter {
+    st: Statements,
+}
+
+impl RowWriter {
+    /// Creates the connection's staging table and prepares the statements.
+    /// The schema must be migrated.
+    pub async fn prepare(client: &Client) -> Result<RowWriter, tokio_postgres::Error> {
+        client.batch_execute(schema::STAGING_TABLE).await?;
+        Ok(RowWriter {
+            st: Statements::prepare(client).await?,
+        })
+    }
+
+    pub async fn write(
+        &self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+    ) -> Result<Rows, tokio_postgres::Error> {
+        if events.is_empty() {
+            return Ok(Rows::default());
+        }
+        bisect_rows(tx, &self.st, events).await
+    }
 }
 
 /// COPY into staging, then into the table skipping the ids it has.
@@ -950,7 +982,7 @@ impl Quarantine {
 }
 
 /// An event as a CSV line, for the quarantine's `raw` column.
-fn event_csv(e: &Event) -> String {
+pub fn event_csv(e: &Event) -> String {
     let price = format!(
         "{}{}.{:02}",
         if e.price_cents < 0 { "-" } else { "" },

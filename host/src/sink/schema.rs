@@ -153,6 +153,8 @@ pub const MIGRATIONS: &[&[&str]] = &[
     // 4: streams shared by several hosts (`--input nats://`), and which
     // host committed each batch.
     &[MIGRATION_NATS],
+    // 5: quarantine rows replayed (`host quarantine replay`).
+    &[MIGRATION_QUARANTINE_REPLAY],
 ];
 
 const MIGRATION_FILE_IDENTITY: &str = "
@@ -225,6 +227,15 @@ CREATE TABLE IF NOT EXISTS pipeline.partition_state (
     PRIMARY KEY (stream, partition, stage)
 );
 ALTER TABLE pipeline.partition_state ALTER COLUMN state SET STORAGE EXTERNAL;
+";
+
+const MIGRATION_QUARANTINE_REPLAY: &str = "
+-- The batch that committed a replay of the row (NULL: still open). Rows
+-- are kept for audit.
+ALTER TABLE pipeline.quarantine ADD COLUMN IF NOT EXISTS replayed_batch BIGINT;
+-- On a row a replay quarantined again: the row it replayed.
+ALTER TABLE pipeline.quarantine ADD COLUMN IF NOT EXISTS replay_of BIGINT;
+CREATE INDEX IF NOT EXISTS quarantine_open ON pipeline.quarantine (id) WHERE replayed_batch IS NULL;
 ";
 
 /// The version this host's code expects.
