@@ -84,7 +84,7 @@ pub struct SourceConfig {
 /// `--on-done`: what becomes of a file fully committed and settled.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum OnDone {
-    /// Leave it (every pass still lists it).
+    /// Leave it (only the full pass, every `FULL_PASS`, stats it again).
     #[default]
     Keep,
     /// Remove it.
