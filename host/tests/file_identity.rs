@@ -274,3 +274,43 @@ fn a_file_gone_longer_than_forget_after_loses_its_position_and_is_read_anew_with
         "{log}"
     );
 }
+
+fn append(path: &Path, rows: &[String]) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    for r in rows {
+        writeln!(f, "{r}").unwrap();
+    }
+}
+
+#[test]
+fn a_done_file_appended_to_is_noticed_at_once_and_committed() {
+    let r = rig("identity_done_appended");
+    let mut host = r.spawn(&[]);
+    let (a, b, c) = (fresh(4), fresh(5), fresh(6));
+    write_csv(&r.input, "a.csv", &a);
+    write_csv(&r.input, "b.csv", &b);
+    write_csv(&r.input, "c.csv", &c);
+    r.wait_read(&mut host, 15);
+    // All three read to their end and committed: only an event names
+    // them to a pass now, until the full pass a minute on.
+    let appended = std::time::Instant::now();
+    let more = fresh(3);
+    append(&r.input.join("b.csv"), &more);
+    r.wait_read(&mut host, 18);
+    let noticed = appended.elapsed();
+    // Renamed within the folder, then appended to: still the same file.
+    std::fs::rename(r.input.join("c.csv"), r.input.join("c2.csv")).unwrap();
+    let last = fresh(2);
+    append(&r.input.join("c2.csv"), &last);
+    r.wait_read(&mut host, 20);
+    let log = host.stop();
+    for rows in [&a, &b, &c, &more, &last] {
+        assert_table_has(&r.url, &ids(rows));
+    }
+    assert_eq!(table_rows(&r.url), 20, "{log}");
+    assert_eq!(rows_read(&r.url), 20, "a record read twice: {log}");
+    assert!(
+        noticed < host::source::FULL_PASS,
+        "the append waited {noticed:?} for the full pass instead of its event: {log}"
+    );
+}

@@ -111,6 +111,18 @@ impl Tracked {
                 ))
     }
 
+    /// Whether the last read reached the end of the file (and it is known
+    /// to be the file its position was for): until something changes it,
+    /// there is nothing to look at.
+    pub(super) fn done(&self) -> bool {
+        self.unchecked.is_none() && self.seen.is_some_and(|(len, _)| len == self.offset)
+    }
+
+    /// Where the file was last seen.
+    pub(super) fn path(&self) -> &str {
+        &self.path
+    }
+
     /// Starts again from the first byte, under a higher re-read count.
     fn restart(&mut self) {
         self.offset = 0;

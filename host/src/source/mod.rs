@@ -3,8 +3,13 @@
 //! the batcher.
 //!
 //! It runs on its own thread. It wakes on inotify events (the `notify`
-//! crate) and on a periodic rescan, the fallback for file systems whose
-//! events get lost. A file is tracked by identity (`identity`: device,
+//! crate) and on a periodic rescan. A pass looks at the files events
+//! named and at the files not yet read to their end; a file read to its
+//! end and unchanged costs nothing until an event names it. Every
+//! `FULL_PASS` (and whenever events were lost, or there is no watch) a
+//! pass lists and stats the whole folder instead, the safety net for
+//! changes no event reported; if such a pass finds one, the events of
+//! this folder are not trusted again and every pass is a full one. A file is tracked by identity (`identity`: device,
 //! inode, birth time, and a checksum of its first bytes), not by name: a
 //! new file under an old name, or on an old inode, starts from zero; a
 //! file renamed out of the folder and back resumes where it was. Only
@@ -19,7 +24,8 @@ pub mod lease;
 pub mod nats;
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -31,6 +37,24 @@ use crate::watch::FolderWatch;
 pub use file::file_key;
 use file::Tracked;
 pub use identity::{FileId, Fingerprint, FINGERPRINT_BYTES};
+
+/// How often a pass lists and stats every file of the folder, even when
+/// the watch reported nothing: the bound on how late a change no event
+/// reported (a file written through a hard link elsewhere, by mmap, on
+/// a network file system) is noticed.
+pub const FULL_PASS: Duration = Duration::from_secs(60);
+
+/// A change older than this when a full pass finds it should have been
+/// named by an event: finding one means the events are not to be trusted.
+const EVENT_LATENCY: Duration = Duration::from_secs(1);
+
+/// What one pass looks at.
+enum Look {
+    /// The whole folder.
+    Full,
+    /// The entries of these names, and the files not done with.
+    Named(HashSet<OsString>),
+}
 
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -60,7 +84,7 @@ pub struct SourceConfig {
 /// `--on-done`: what becomes of a file fully committed and settled.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum OnDone {
-    /// Leave it (every pass still lists it).
+    /// Leave it (only the full pass, every `FULL_PASS`, stats it again).
     #[default]
     Keep,
     /// Remove it.
@@ -156,6 +180,18 @@ pub struct Source {
     committed_now: HashMap<String, u64>,
     /// Whether the missing birth time was reported.
     warned_birth: bool,
+    /// Symbolic links of the folder read through (`follow_symlinks`):
+    /// what they point to raises no event here, so every pass looks.
+    links: HashSet<PathBuf>,
+    /// When the last full pass began.
+    last_full: Option<Instant>,
+    /// When the current and the previous pass took the watch's names.
+    looked: (SystemTime, SystemTime),
+    /// Whether every change since the last full pass was to be named by
+    /// an event (no events lost meanwhile).
+    trusted: bool,
+    /// A full pass found a change no event named: every pass is full.
+    distrust: bool,
 }
 
 impl Source {
@@ -188,6 +224,11 @@ impl Source {
             committed_feed: None,
             committed_now: HashMap::new(),
             warned_birth: false,
+            links: HashSet::new(),
+            last_full: None,
+            looked: (SystemTime::UNIX_EPOCH, SystemTime::UNIX_EPOCH),
+            trusted: false,
+            distrust: false,
         }
     }
 
@@ -255,7 +296,7 @@ impl Source {
         let watch = if self.config.once {
             FolderWatch::disabled()
         } else {
-            FolderWatch::new(&input).map_err(|source| SourceError::Watch {
+            FolderWatch::naming(&input).map_err(|source| SourceError::Watch {
                 path: input.clone(),
                 source,
             })?
@@ -267,7 +308,8 @@ impl Source {
             closed: false,
         };
         loop {
-            let progressed = self.pass(&mut outlet)?;
+            let look = self.next_look(&watch);
+            let progressed = self.pass(&mut outlet, look)?;
             if outlet.closed {
                 return Ok(());
             }
@@ -290,9 +332,29 @@ impl Source {
         }
     }
 
+    /// Whether the next pass lists the whole folder or looks only at what
+    /// events named (and the files not done with).
+    fn next_look(&mut self, watch: &FolderWatch) -> Look {
+        self.looked = (SystemTime::now(), self.looked.0);
+        let named = watch.take_changed();
+        let due = self
+            .last_full
+            .is_none_or(|last| last.elapsed() >= FULL_PASS);
+        match named {
+            Some(names) if !due && !self.distrust => Look::Named(names),
+            named => {
+                // Changes a full pass finds after lost events (or at the
+                // start) were not to be named: no sign of unreliable events.
+                self.trusted = self.last_full.is_some() && named.is_some();
+                self.last_full = Some(Instant::now());
+                Look::Full
+            }
+        }
+    }
+
     /// One pass over the input folder: discover files, read what is new.
     /// Returns whether anything was read.
-    fn pass(&mut self, outlet: &mut Outlet) -> Result<bool, SourceError> {
+    fn pass(&mut self, outlet: &mut Outlet, look: Look) -> Result<bool, SourceError> {
         if let Some(feed) = &self.committed_feed {
             for positions in feed.try_iter() {
                 for p in positions {
@@ -305,24 +367,78 @@ impl Source {
         // Files read to their end and unchanged since are passed over as
         // they are listed: neither kept, nor sorted, nor opened.
         let keep_done = self.config.on_done == OnDone::Keep;
+        // A named pass: the entries events named, the links read through,
+        // and the files not done with (still to read, or to finish).
+        let named: Option<HashSet<PathBuf>> = match &look {
+            Look::Full => None,
+            Look::Named(names) => {
+                let mut paths: HashSet<PathBuf> = names
+                    .iter()
+                    .filter(|n| is_input_name(&n.to_string_lossy()))
+                    .map(|n| self.config.input.join(n))
+                    .collect();
+                paths.extend(self.links.iter().cloned());
+                for t in self.tracked.values() {
+                    if !(keep_done && t.done()) {
+                        paths.insert(PathBuf::from(t.path()));
+                    }
+                }
+                Some(paths)
+            }
+        };
+        // In a full pass after which no event was lost, a change older than
+        // the previous pass that no event brought is a missed one.
+        let missed_before = (matches!(look, Look::Full) && self.trusted && !self.distrust)
+            .then(|| self.looked.1.checked_sub(EVENT_LATENCY))
+            .flatten();
+        let mut missed: Option<PathBuf> = None;
         let tracked = &mut self.tracked;
         let warned_birth = &mut self.warned_birth;
         let input = &self.config.input;
-        let files = list(&self.config, &mut self.skipped, |meta| {
+        let wanted = |path: &Path, meta: &std::fs::Metadata| {
             let id = FileId::of(meta);
             if id.born.is_none() && !*warned_birth {
                 *warned_birth = true;
                 tracing::warn!(input = %input.display(),
                     "the file system of the input folder gives no birth time: files are told apart by device, inode and a checksum of their first {FINGERPRINT_BYTES} bytes");
             }
-            match tracked.get_mut(&id) {
+            let want = match tracked.get_mut(&id) {
                 Some(t) => {
                     t.listed = pass;
-                    !(keep_done && t.unchanged(meta))
+                    let unchanged = t.unchanged(meta);
+                    if !unchanged
+                        && t.done()
+                        && missed.is_none()
+                        && changed_before(meta, missed_before)
+                    {
+                        missed = Some(path.to_path_buf());
+                    }
+                    !(keep_done && unchanged)
                 }
-                None => true,
-            }
-        })?;
+                None => {
+                    if missed.is_none() && changed_before(meta, missed_before) {
+                        missed = Some(path.to_path_buf());
+                    }
+                    true
+                }
+            };
+            want
+        };
+        let files = match &named {
+            None => list(&self.config, &mut self.skipped, &mut self.links, wanted)?,
+            Some(paths) => look_at(
+                &self.config,
+                paths,
+                &mut self.skipped,
+                &mut self.links,
+                wanted,
+            ),
+        };
+        if let Some(path) = missed.take() {
+            self.distrust = true;
+            tracing::warn!(input = %self.config.input.display(), file = %path.display(),
+                "a change in the input folder was found by the full pass ({FULL_PASS:?}) but no file system event reported it: looking at every file at every rescan from now on");
+        }
         let mut progressed = false;
         for (path, meta) in files {
             let id = FileId::of(&meta);
@@ -357,12 +473,18 @@ impl Source {
             return Ok(progressed);
         }
         // Files not listed in this pass are gone: kept for a while, in
-        // case they come back (renamed out and back).
+        // case they come back (renamed out and back). A named pass knows
+        // this only of the names it looked at.
         let now = Instant::now();
         let left: Vec<FileId> = self
             .tracked
             .iter()
-            .filter(|(_, t)| t.listed != pass)
+            .filter(|(_, t)| {
+                t.listed != pass
+                    && named
+                        .as_ref()
+                        .is_none_or(|paths| paths.contains(Path::new(t.path())))
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in left {
@@ -404,12 +526,92 @@ impl Source {
     }
 }
 
+/// Whether `meta` shows a change (its status change time) before `before`.
+fn changed_before(meta: &std::fs::Metadata, before: Option<SystemTime>) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(before) = before else {
+        return false;
+    };
+    let changed = u64::try_from(meta.ctime()).ok().map(|secs| {
+        SystemTime::UNIX_EPOCH + Duration::new(secs, meta.ctime_nsec().clamp(0, 999_999_999) as u32)
+    });
+    changed.is_some_and(|c| c < before)
+}
+
+/// What an entry of the folder is to read, given its own metadata (not
+/// what a link points to): a regular file's metadata, or `None`.
+fn candidate(
+    config: &SourceConfig,
+    path: &Path,
+    meta: std::fs::Metadata,
+    skipped: &mut HashSet<PathBuf>,
+    links: &mut HashSet<PathBuf>,
+) -> Option<std::fs::Metadata> {
+    let is_link = meta.file_type().is_symlink();
+    let meta = if is_link && config.follow_symlinks {
+        std::fs::metadata(path).ok()?
+    } else {
+        meta
+    };
+    if meta.is_file() {
+        if is_link {
+            links.insert(path.to_path_buf());
+        }
+        return Some(meta);
+    }
+    if !meta.is_dir() && skipped.insert(path.to_path_buf()) {
+        let what = if meta.file_type().is_symlink() {
+            "a symbolic link (--follow-symlinks reads what links point to)"
+        } else {
+            "not a regular file"
+        };
+        tracing::warn!(path = %path.display(), "skipping input entry: {what}");
+    }
+    None
+}
+
+/// Oldest first (by modification time, then name). Compared in place: a
+/// key cloning the path cost an allocation per comparison.
+fn sort(files: &mut [(PathBuf, std::fs::Metadata)]) {
+    files.sort_by(|(a, a_meta), (b, b_meta)| {
+        let time = |m: &std::fs::Metadata| m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        (time(a_meta), a).cmp(&(time(b_meta), b))
+    });
+}
+
+/// The files at `paths` (entries of the input folder) that `wanted`
+/// keeps, oldest first. A path that is no longer there is left out.
+fn look_at(
+    config: &SourceConfig,
+    paths: &HashSet<PathBuf>,
+    skipped: &mut HashSet<PathBuf>,
+    links: &mut HashSet<PathBuf>,
+    mut wanted: impl FnMut(&Path, &std::fs::Metadata) -> bool,
+) -> Vec<(PathBuf, std::fs::Metadata)> {
+    let mut files = Vec::new();
+    for path in paths {
+        links.remove(path);
+        let Ok(meta) = path.symlink_metadata() else {
+            skipped.remove(path);
+            continue;
+        };
+        if let Some(meta) = candidate(config, path, meta, skipped, links) {
+            if wanted(path, &meta) {
+                files.push((path.clone(), meta));
+            }
+        }
+    }
+    sort(&mut files);
+    files
+}
+
 /// The candidate files of the input folder that `wanted` keeps, oldest
 /// first (by modification time, then name).
 fn list(
     config: &SourceConfig,
     skipped: &mut HashSet<PathBuf>,
-    mut wanted: impl FnMut(&std::fs::Metadata) -> bool,
+    links: &mut HashSet<PathBuf>,
+    mut wanted: impl FnMut(&Path, &std::fs::Metadata) -> bool,
 ) -> Result<Vec<(PathBuf, std::fs::Metadata)>, SourceError> {
     let dir = &config.input;
     let entries = std::fs::read_dir(dir).map_err(|source| SourceError::Folder {
@@ -417,6 +619,7 @@ fn list(
         source,
     })?;
     let mut files = Vec::new();
+    let mut found_links = HashSet::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         if !is_input_name(&name.to_string_lossy()) {
@@ -427,36 +630,18 @@ fn list(
         let Ok(meta) = entry.metadata() else {
             continue;
         };
-        let meta = if meta.file_type().is_symlink() && config.follow_symlinks {
-            match std::fs::metadata(entry.path()) {
-                Ok(target) => target,
-                Err(_) => continue,
+        let path = entry.path();
+        if let Some(meta) = candidate(config, &path, meta, skipped, &mut found_links) {
+            if wanted(&path, &meta) {
+                files.push((path, meta));
             }
-        } else {
-            meta
-        };
-        if meta.is_file() {
-            if wanted(&meta) {
-                files.push((entry.path(), meta));
-            }
-        } else if !meta.is_dir() && skipped.insert(entry.path()) {
-            let what = if meta.file_type().is_symlink() {
-                "a symbolic link (--follow-symlinks reads what links point to)"
-            } else {
-                "not a regular file"
-            };
-            tracing::warn!(path = %entry.path().display(), "skipping input entry: {what}");
         }
     }
+    *links = found_links;
     // Forget skipped entries that are gone, so the set stays bounded.
     if !skipped.is_empty() {
         skipped.retain(|p| p.symlink_metadata().is_ok());
     }
-    // Compared in place: a key cloning the path cost an allocation per
-    // comparison.
-    files.sort_by(|(a, a_meta), (b, b_meta)| {
-        let time = |m: &std::fs::Metadata| m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        (time(a_meta), a).cmp(&(time(b_meta), b))
-    });
+    sort(&mut files);
     Ok(files)
 }
