@@ -24,11 +24,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use serde_json::json;
 
 use super::{connect, Filter, Kind, WHERE_OPEN};
 use crate::parse::FileParser;
-use crate::sink::{event_csv, RowWriter};
+use crate::sink::{event_csv, stages_json, RowWriter};
 use crate::stage::chain::{Chain, ChainOutput};
 use crate::stage::Event;
 
@@ -325,15 +324,7 @@ fn process(
         .len()
         .saturating_sub(out.events.len() + out.rejections.len());
     report.dropped += dropped;
-    let stages = json!(out
-        .runs
-        .iter()
-        .map(|r| json!({
-            "name": r.stage.name, "version": r.stage.version, "hash": r.stage.hash,
-            "ms": r.elapsed.as_secs_f64() * 1000.0, "in": r.rows_in, "out": r.rows_out,
-            "rejected": r.rejected, "failed": r.failed,
-        }))
-        .collect::<Vec<_>>());
+    let stages = stages_json(&out.runs);
     Outcome {
         handled,
         kept: out.events,

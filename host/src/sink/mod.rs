@@ -469,6 +469,19 @@ where
 /// would otherwise hang it for as long as the kernel keeps retrying.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A batch record's `stages` column: per stage, the version that ran
+/// and what it did (written by the sink and by a quarantine replay).
+pub fn stages_json(runs: &[StageRun]) -> serde_json::Value {
+    json!(runs
+        .iter()
+        .map(|r| json!({
+            "name": r.stage.name, "version": r.stage.version, "hash": r.stage.hash,
+            "ms": r.elapsed.as_secs_f64() * 1000.0, "in": r.rows_in, "out": r.rows_out,
+            "rejected": r.rejected, "failed": r.failed,
+        }))
+        .collect::<Vec<_>>())
+}
+
 /// The statements of every batch, prepared once per connection: a
 /// statement sent as text is parsed and described in a round trip of its
 /// own each time, which doubled the round trips of a batch.
@@ -716,15 +729,7 @@ async fn write(
     };
     let (written, conflicting) = (rows.written, rows.conflicting);
 
-    let stages = json!(c
-        .stages
-        .iter()
-        .map(|r| json!({
-            "name": r.stage.name, "version": r.stage.version, "hash": r.stage.hash,
-            "ms": r.elapsed.as_secs_f64() * 1000.0, "in": r.rows_in, "out": r.rows_out,
-            "rejected": r.rejected, "failed": r.failed,
-        }))
-        .collect::<Vec<_>>());
+    let stages = stages_json(&c.stages);
     let subject = c
         .partition
         .as_ref()
