@@ -213,7 +213,11 @@ fn draw(frame: &mut Frame, app: &App) {
     let [title, banner, summary, table, events, help] = Layout::vertical([
         Constraint::Length(1),
         Constraint::Length(if paused || app.error.is_some() { 2 } else { 0 }),
-        Constraint::Length(5),
+        Constraint::Length(if app.doc.as_ref().is_some_and(|d| d.stream.is_some()) {
+            6
+        } else {
+            5
+        }),
         Constraint::Min(4),
         Constraint::Length(8),
         Constraint::Length(1),
@@ -403,7 +407,7 @@ fn summary_lines(doc: Option<&Document>) -> Vec<Line<'static>> {
     if let Some(e) = &d.database.last_error {
         db_line.push(Span::raw(format!(", last {}: {}", e.at, e.message)));
     }
-    vec![
+    let mut lines = vec![
         Line::raw(format!(
             "rows read {}  written {}  malformed {}  rejected {}  failed {}  dropped {}  batches {}",
             t.rows_read.0,
@@ -424,12 +428,78 @@ fn summary_lines(doc: Option<&Document>) -> Vec<Line<'static>> {
             d.lag.bytes.0
         )),
         Line::from(db_line),
-    ]
+    ];
+    if let Some(stream) = &d.stream {
+        lines.push(Line::raw(stream_line(stream)));
+    }
+    lines
+}
+
+/// A shared stream in one line: the partitions this host holds with
+/// their lag, and how many the other hosts hold.
+fn stream_line(s: &crate::status::StreamDoc) -> String {
+    let mine: Vec<&crate::status::PartitionDoc> = s
+        .partitions
+        .iter()
+        .filter(|p| p.live && p.owner.as_deref() == Some(s.host.as_str()))
+        .collect();
+    let pending: u64 = mine.iter().map(|p| p.pending).sum();
+    let redelivered: u64 = mine.iter().map(|p| p.redelivered).sum();
+    let held: Vec<String> = mine
+        .iter()
+        .map(|p| format!("{}:{}", p.partition, p.pending))
+        .collect();
+    let others = s
+        .partitions
+        .iter()
+        .filter(|p| p.live && p.owner.as_deref() != Some(s.host.as_str()))
+        .count();
+    let free = s.partitions.iter().filter(|p| !p.live).count();
+    format!(
+        "stream {} as {}: holds {}/{} partitions, pending {pending}, redelivered {redelivered} \
+         (partition:pending {}); {others} held by other hosts, {free} free",
+        s.stream,
+        s.host,
+        mine.len(),
+        s.partitions.len(),
+        if held.is_empty() {
+            "-".into()
+        } else {
+            held.join(" ")
+        },
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_line_tells_what_this_host_holds_and_its_lag() {
+        use crate::status::{PartitionDoc, StreamDoc};
+        let part = |partition, owner: Option<&str>, live, pending| PartitionDoc {
+            partition,
+            owner: owner.map(str::to_owned),
+            live,
+            pending,
+            ..Default::default()
+        };
+        let doc = StreamDoc {
+            stream: "EVENTS".into(),
+            host: "h1".into(),
+            partitions: vec![
+                part(0, Some("h1"), true, 12),
+                part(1, Some("h2"), true, 0),
+                part(2, Some("h1"), true, 3),
+                part(3, Some("h1"), false, 0),
+            ],
+        };
+        assert_eq!(
+            stream_line(&doc),
+            "stream EVENTS as h1: holds 2/4 partitions, pending 15, redelivered 0 \
+             (partition:pending 0:12 2:3); 1 held by other hosts, 1 free"
+        );
+    }
 
     #[test]
     fn keys_sort_filter_and_quit() {

@@ -34,6 +34,21 @@ pub struct Listing {
     /// Why the database part is missing, when a database was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_error: Option<String>,
+    /// The partitions of shared streams the database has (`--input
+    /// nats://`): who holds each and what was committed for it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<PartitionRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PartitionRow {
+    pub stream: String,
+    pub partition: u32,
+    pub owner: Option<String>,
+    pub epoch: i64,
+    /// Whether the owner's lease runs.
+    pub live: bool,
+    pub committed_seq: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -132,12 +147,14 @@ pub fn gather(args: &ListArgs) -> anyhow::Result<Listing> {
         .map(|spec| report(&runtime, spec))
         .collect();
     let mut database_error = None;
+    let mut partitions = Vec::new();
     if let Some(url) = &args.database_url {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         match rt.block_on(database(url, &stages)) {
-            Ok(mut by_stage) => {
+            Ok((mut by_stage, parts)) => {
+                partitions = parts;
                 for s in &mut stages {
                     s.database = Some(by_stage.remove(&s.name).unwrap_or_default());
                 }
@@ -149,6 +166,7 @@ pub fn gather(args: &ListArgs) -> anyhow::Result<Listing> {
         manifest: manifest.path,
         stages,
         database_error,
+        partitions,
     })
 }
 
@@ -199,7 +217,10 @@ fn component(runtime: &Runtime, path: &Path) -> ComponentReport {
 
 /// Reads what the pipeline committed, per stage. Errors come back as
 /// text: the listing is still worth printing without them.
-async fn database(url: &str, stages: &[StageReport]) -> Result<HashMap<String, DbStage>, String> {
+async fn database(
+    url: &str,
+    stages: &[StageReport],
+) -> Result<(HashMap<String, DbStage>, Vec<PartitionRow>), String> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", crate::sink::redact(url)))?;
@@ -214,7 +235,38 @@ async fn database(url: &str, stages: &[StageReport]) -> Result<HashMap<String, D
     if exists.is_none() {
         return Err("no pipeline tables in this database (has `host run` written to it?)".into());
     }
-    read(&client, stages).await.map_err(|e| e.to_string())
+    let by_stage = read(&client, stages).await.map_err(|e| e.to_string())?;
+    let partitions = read_partitions(&client).await.map_err(|e| e.to_string())?;
+    Ok((by_stage, partitions))
+}
+
+async fn read_partitions(client: &Client) -> Result<Vec<PartitionRow>, tokio_postgres::Error> {
+    // Streams came later than the other tables.
+    let has: Option<String> = client
+        .query_one("SELECT to_regclass('pipeline.partitions')::text", &[])
+        .await?
+        .get(0);
+    if has.is_none() {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT stream, partition, host, epoch, coalesce(expires_at > now(), false), committed_seq
+             FROM pipeline.partitions ORDER BY stream, partition",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| PartitionRow {
+            stream: r.get(0),
+            partition: r.get::<_, i32>(1) as u32,
+            owner: r.get(2),
+            epoch: r.get(3),
+            live: r.get(4),
+            committed_seq: r.get::<_, i64>(5).max(0) as u64,
+        })
+        .collect())
 }
 
 async fn read(
@@ -368,7 +420,34 @@ pub fn render(l: &Listing) -> String {
     if let Some(e) = &l.database_error {
         let _ = writeln!(out, "database: {e}");
     }
+    partition_lines(&mut out, &l.partitions);
     out
+}
+
+/// One line per partition of each shared stream. Pending messages are
+/// known to the owner only: its `/api/status`, `/metrics` and `host top`.
+fn partition_lines(out: &mut String, partitions: &[PartitionRow]) {
+    let mut stream = None;
+    for p in partitions {
+        if stream != Some(p.stream.as_str()) {
+            stream = Some(p.stream.as_str());
+            let _ = writeln!(
+                out,
+                "stream {} (pending per partition: the owner's /metrics or `host top`)",
+                p.stream
+            );
+        }
+        let owner = match (&p.owner, p.live) {
+            (Some(h), true) => format!("held by {h}"),
+            (Some(h), false) => format!("free (lease of {h} ran out)"),
+            (None, _) => "free".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "   partition {:<3} {owner}, epoch {}, committed up to sequence {}",
+            p.partition, p.epoch, p.committed_seq
+        );
+    }
 }
 
 fn component_lines(out: &mut String, label: &str, c: &ComponentReport) {

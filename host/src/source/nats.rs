@@ -468,29 +468,48 @@ impl NatsSource {
         let name = self.name.clone();
         if self.parts.get(&p)?.restart {
             let (epoch, taken) = self.parts.get(&p).map(|x| (x.epoch, x.taken))?;
-            match js::partition_consumer(&self.stream, &name, p, epoch, taken).await {
-                Ok(consumer) => {
+            // Bounded like a fetch: during an outage each JetStream request
+            // would wait for the client's own timeout, holding back the
+            // lease renewals.
+            let again = js::partition_consumer(&self.stream, &name, p, epoch, taken);
+            match tokio::time::timeout(self.config.lease / 3, again).await {
+                Ok(Ok(consumer)) => {
                     let part = self.parts.get_mut(&p)?;
                     part.consumer = consumer;
                     part.restart = false;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::debug!(partition = p, "cannot start the consumer again: {e}");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::debug!(partition = p, "no answer starting the consumer again");
                     return None;
                 }
             }
         }
+        // A pull request the server never answers (it restarted, or the
+        // consumer was deleted by a host that took the partition over)
+        // would leave the fetch waiting for ever: the client sets no timer
+        // of its own on a no-wait fetch. So the fetch gets a deadline well
+        // inside a lease round, and what it has by then is its batch.
+        let deadline = tokio::time::Instant::now() + fetch_deadline(self.config.lease);
         let part = self.parts.get_mut(&p)?;
-        let messages = part
-            .consumer
-            .fetch()
-            .max_messages(batch_size)
-            .messages()
-            .await;
+        let messages = tokio::time::timeout_at(
+            deadline,
+            part.consumer.fetch().max_messages(batch_size).messages(),
+        )
+        .await;
         let mut messages = match messages {
-            Ok(m) => m,
-            Err(e) => {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
                 tracing::debug!(partition = p, "fetch failed: {e}");
+                part.empty = false;
+                part.restart = true;
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!(partition = p, "fetch request not answered in time");
                 part.empty = false;
                 part.restart = true;
                 return None;
@@ -510,7 +529,13 @@ impl NatsSource {
         let mut last_reply = None;
         let mut last_seq = part.taken;
         let mut parser = FileParser::resume(None);
-        while let Some(message) = messages.next().await {
+        loop {
+            let Ok(next) = tokio::time::timeout_at(deadline, messages.next()).await else {
+                tracing::debug!(partition = p, "fetch not finished in time");
+                part.restart = true;
+                break;
+            };
+            let Some(message) = next else { break };
             let message = match message {
                 Ok(m) => m,
                 Err(e) => {
@@ -602,6 +627,12 @@ impl NatsSource {
         let _ = self.client.flush().await;
         summary
     }
+}
+
+/// How long one fetch may take: a third of a lease round, so that a
+/// fetch the server never answers cannot starve the lease renewals.
+fn fetch_deadline(lease: Duration) -> Duration {
+    (lease / 9).clamp(Duration::from_millis(300), Duration::from_secs(3))
 }
 
 /// How long `--once` waits for partitions another host holds: a dead
