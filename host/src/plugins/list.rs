@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokio_postgres::{Client, NoTls};
 
 use super::file_hash;
+use crate::source::lease::{self, Holder};
 use crate::stage::manifest::{Manifest, OnIncompatibleState, StageSpec};
 use crate::stage::runtime::{Runtime, WIT_PACKAGE};
 
@@ -37,18 +38,13 @@ pub struct Listing {
     /// The partitions of shared streams the database has (`--input
     /// nats://`): who holds each and what was committed for it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub partitions: Vec<PartitionRow>,
+    pub streams: Vec<StreamPartitions>,
 }
 
 #[derive(Debug, Serialize)]
-pub struct PartitionRow {
+pub struct StreamPartitions {
     pub stream: String,
-    pub partition: u32,
-    pub owner: Option<String>,
-    pub epoch: i64,
-    /// Whether the owner's lease runs.
-    pub live: bool,
-    pub committed_seq: u64,
+    pub partitions: Vec<Holder>,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,14 +143,14 @@ pub fn gather(args: &ListArgs) -> anyhow::Result<Listing> {
         .map(|spec| report(&runtime, spec))
         .collect();
     let mut database_error = None;
-    let mut partitions = Vec::new();
+    let mut streams = Vec::new();
     if let Some(url) = &args.database_url {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         match rt.block_on(database(url, &stages)) {
-            Ok((mut by_stage, parts)) => {
-                partitions = parts;
+            Ok((mut by_stage, found)) => {
+                streams = found;
                 for s in &mut stages {
                     s.database = Some(by_stage.remove(&s.name).unwrap_or_default());
                 }
@@ -166,7 +162,7 @@ pub fn gather(args: &ListArgs) -> anyhow::Result<Listing> {
         manifest: manifest.path,
         stages,
         database_error,
-        partitions,
+        streams,
     })
 }
 
@@ -220,7 +216,7 @@ fn component(runtime: &Runtime, path: &Path) -> ComponentReport {
 async fn database(
     url: &str,
     stages: &[StageReport],
-) -> Result<(HashMap<String, DbStage>, Vec<PartitionRow>), String> {
+) -> Result<(HashMap<String, DbStage>, Vec<StreamPartitions>), String> {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", crate::sink::redact(url)))?;
@@ -236,37 +232,36 @@ async fn database(
         return Err("no pipeline tables in this database (has `host run` written to it?)".into());
     }
     let by_stage = read(&client, stages).await.map_err(|e| e.to_string())?;
-    let partitions = read_partitions(&client).await.map_err(|e| e.to_string())?;
-    Ok((by_stage, partitions))
+    let streams = read_streams(&client).await.map_err(|e| e.to_string())?;
+    Ok((by_stage, streams))
 }
 
-async fn read_partitions(client: &Client) -> Result<Vec<PartitionRow>, tokio_postgres::Error> {
+async fn read_streams(client: &Client) -> Result<Vec<StreamPartitions>, String> {
     // Streams came later than the other tables.
     let has: Option<String> = client
         .query_one("SELECT to_regclass('pipeline.partitions')::text", &[])
-        .await?
+        .await
+        .map_err(|e| e.to_string())?
         .get(0);
     if has.is_none() {
         return Ok(Vec::new());
     }
-    let rows = client
+    let names = client
         .query(
-            "SELECT stream, partition, host, epoch, coalesce(expires_at > now(), false), committed_seq
-             FROM pipeline.partitions ORDER BY stream, partition",
+            "SELECT DISTINCT stream FROM pipeline.partitions ORDER BY stream",
             &[],
         )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| PartitionRow {
-            stream: r.get(0),
-            partition: r.get::<_, i32>(1) as u32,
-            owner: r.get(2),
-            epoch: r.get(3),
-            live: r.get(4),
-            committed_seq: r.get::<_, i64>(5).max(0) as u64,
-        })
-        .collect())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut streams = Vec::new();
+    for row in names {
+        let stream: String = row.get(0);
+        let partitions = lease::holders(client, &stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        streams.push(StreamPartitions { stream, partitions });
+    }
+    Ok(streams)
 }
 
 async fn read(
@@ -420,24 +415,22 @@ pub fn render(l: &Listing) -> String {
     if let Some(e) = &l.database_error {
         let _ = writeln!(out, "database: {e}");
     }
-    partition_lines(&mut out, &l.partitions);
+    for s in &l.streams {
+        partition_lines(&mut out, s);
+    }
     out
 }
 
-/// One line per partition of each shared stream. Pending messages are
+/// One line per partition of a shared stream. Pending messages are
 /// known to the owner only: its `/api/status`, `/metrics` and `host top`.
-fn partition_lines(out: &mut String, partitions: &[PartitionRow]) {
-    let mut stream = None;
-    for p in partitions {
-        if stream != Some(p.stream.as_str()) {
-            stream = Some(p.stream.as_str());
-            let _ = writeln!(
-                out,
-                "stream {} (pending per partition: the owner's /metrics or `host top`)",
-                p.stream
-            );
-        }
-        let owner = match (&p.owner, p.live) {
+fn partition_lines(out: &mut String, s: &StreamPartitions) {
+    let _ = writeln!(
+        out,
+        "stream {} (pending per partition: the owner's /metrics or `host top`)",
+        s.stream
+    );
+    for p in &s.partitions {
+        let owner = match (&p.host, p.live) {
             (Some(h), true) => format!("held by {h}"),
             (Some(h), false) => format!("free (lease of {h} ran out)"),
             (None, _) => "free".to_owned(),

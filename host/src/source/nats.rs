@@ -472,18 +472,14 @@ impl NatsSource {
             // would wait for the client's own timeout, holding back the
             // lease renewals.
             let again = js::partition_consumer(&self.stream, &name, p, epoch, taken);
-            match tokio::time::timeout(self.config.lease / 3, again).await {
-                Ok(Ok(consumer)) => {
+            match bounded(tokio::time::timeout(self.config.lease / 3, again).await) {
+                Ok(consumer) => {
                     let part = self.parts.get_mut(&p)?;
                     part.consumer = consumer;
                     part.restart = false;
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::debug!(partition = p, "cannot start the consumer again: {e}");
-                    return None;
-                }
-                Err(_) => {
-                    tracing::debug!(partition = p, "no answer starting the consumer again");
                     return None;
                 }
             }
@@ -500,16 +496,10 @@ impl NatsSource {
             part.consumer.fetch().max_messages(batch_size).messages(),
         )
         .await;
-        let mut messages = match messages {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => {
+        let mut messages = match bounded(messages) {
+            Ok(m) => m,
+            Err(e) => {
                 tracing::debug!(partition = p, "fetch failed: {e}");
-                part.empty = false;
-                part.restart = true;
-                return None;
-            }
-            Err(_) => {
-                tracing::debug!(partition = p, "fetch request not answered in time");
                 part.empty = false;
                 part.restart = true;
                 return None;
@@ -626,6 +616,16 @@ impl NatsSource {
         }
         let _ = self.client.flush().await;
         summary
+    }
+}
+
+/// A NATS call under a deadline, its two ways of failing as one message.
+fn bounded<T, E: std::fmt::Display>(
+    result: Result<Result<T, E>, tokio::time::error::Elapsed>,
+) -> Result<T, String> {
+    match result {
+        Ok(inner) => inner.map_err(|e| e.to_string()),
+        Err(_) => Err("no answer in time".into()),
     }
 }
 
