@@ -150,14 +150,14 @@ impl EmbeddedPostgres {
             return Ok(pg);
         }
         if !pg.initialised() && std::fs::read_dir(&pg.dir).is_ok_and(|mut d| d.next().is_some()) {
-            // initdb ran but the host never finished setting the cluster
-            // up: it was killed meanwhile (initdb dies with it). Nothing
-            // can have been stored in it yet, so it is made afresh.
+            // An older host ran initdb in place and was killed before it
+            // finished. Nothing can have been stored in it yet, so it is
+            // made afresh.
             tracing::warn!(dir = %pg.dir.display(), "the embedded PostgreSQL cluster was left half-initialised (the host was stopped during initdb); initialising it again");
             pg.clear()?;
         }
         if !pg.initialised() {
-            pg.init(tuning)?;
+            pg.init_beside(tuning)?;
             pg.password = pg.read_password()?;
         }
         pg.port = free_port()?;
@@ -342,6 +342,47 @@ impl EmbeddedPostgres {
         ) {
             tracing::warn!("cannot stop the embedded PostgreSQL: {e}");
         }
+    }
+
+    /// Initialises the cluster in a sibling folder of this process's own
+    /// and renames it into place once complete. initdb's bootstrap backends
+    /// outlive a killed host for a moment and go on writing where they
+    /// were started; in a folder of their own they cannot race the next
+    /// host's initdb, and the cluster folder is only ever empty or whole.
+    fn init_beside(&self, tuning: &Tuning) -> Result<(), EmbeddedError> {
+        let (parent, name) = match (self.dir.parent(), self.dir.file_name()) {
+            (Some(parent), Some(name)) => (parent, name.to_string_lossy().into_owned()),
+            _ => return self.init(tuning),
+        };
+        let prefix = format!(".{name}.init-");
+        // What earlier, killed starts left (best effort: a straggling
+        // backend may still be writing into one; the next start retries).
+        for entry in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let staging = parent.join(format!("{prefix}{}", std::process::id()));
+        let wrap = |path: &Path| {
+            let path = path.to_owned();
+            move |source| EmbeddedError::Folder { path, source }
+        };
+        let _ = std::fs::remove_dir_all(&staging);
+        crate::fsutil::create_private_dir(&staging).map_err(wrap(&staging))?;
+        if let Some((uid, gid, _)) = &self.run_as {
+            chown_tree(&staging, *uid, *gid)?;
+        }
+        let staged = EmbeddedPostgres {
+            dir: staging.clone(),
+            bin: self.bin.clone(),
+            port: 0,
+            run_as: self.run_as.clone(),
+            password: String::new(),
+            started_here: false,
+        };
+        staged.init(tuning)?;
+        // rename(2) replaces the empty cluster folder in one step.
+        std::fs::rename(&staging, &self.dir).map_err(wrap(&self.dir))
     }
 
     fn init(&self, tuning: &Tuning) -> Result<(), EmbeddedError> {
