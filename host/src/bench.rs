@@ -58,6 +58,7 @@ pub struct BenchConfig {
     pub work_dir: PathBuf,
     pub latency_seconds: u64,
     pub batch_size: Option<usize>,
+    pub writers: Option<usize>,
     pub output: PathBuf,
 }
 
@@ -77,6 +78,9 @@ impl BenchConfig {
         if let Some(n) = self.batch_size {
             cmd.args(["--batch-size", &n.to_string()]);
         }
+        if let Some(n) = self.writers {
+            cmd.args(["--writers", &n.to_string()]);
+        }
         cmd
     }
 }
@@ -86,6 +90,8 @@ pub struct Report {
     pub commit: String,
     pub events: usize,
     pub preload: usize,
+    /// `host run --writers` of the pipeline run.
+    pub writers: usize,
     pub rows_written: i64,
     pub ceiling_s: f64,
     pub ceiling_eps: f64,
@@ -145,6 +151,9 @@ pub fn run(config: BenchConfig) -> anyhow::Result<Report> {
         commit: git_commit(),
         events: config.events,
         preload: config.preload,
+        writers: config
+            .writers
+            .unwrap_or_else(crate::pipeline::default_writers),
         ..Report::default()
     };
 
@@ -884,6 +893,7 @@ fn print(r: &Report) {
     line("events (1% duplicates)", r.events.to_string());
     line("rows already in the table", r.preload.to_string());
     line("rows written", r.rows_written.to_string());
+    line("writers (host run --writers)", r.writers.to_string());
     line(
         "COPY ceiling (same rows, order)",
         format!("{:.2} s   {:.0} events/s", r.ceiling_s, r.ceiling_eps),

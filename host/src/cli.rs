@@ -221,6 +221,9 @@ pub struct BenchArgs {
     /// Passed on to `host run --batch-size` [default: host run's].
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Passed on to `host run --writers` [default: host run's].
+    #[arg(long)]
+    pub writers: Option<usize>,
     /// Where the JSON result goes [default: <work-dir>/result.json].
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -351,6 +354,12 @@ pub struct RunArgs {
     /// How long to wait for the database at start.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub connect_timeout: Duration,
+    /// Database connections writing batches at once [default: 2, or the
+    /// number of cores if fewer]. Their rows are copied in parallel; their
+    /// commits still go in batch order, so what is committed is always a
+    /// prefix of the input. 1 writes one batch at a time.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub writers: Option<u16>,
     /// After SIGTERM/SIGINT, how long to try to commit what is in flight
     /// before exiting non-zero without it (nothing is lost: its input
     /// positions are not committed either, so the next start reads it

@@ -50,6 +50,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 once: args.once,
                 metrics_addr: (args.metrics_addr != "off").then_some(args.metrics_addr),
                 connect_timeout: args.connect_timeout,
+                writers: args
+                    .writers
+                    .map_or_else(host::pipeline::default_writers, usize::from),
                 shutdown_timeout: args.shutdown_timeout,
                 follow_symlinks: args.follow_symlinks,
                 on_done: args.on_done,
@@ -172,6 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 work_dir: args.work_dir,
                 latency_seconds: args.latency_seconds,
                 batch_size: args.batch_size,
+                writers: args.writers,
             })?;
             Ok(())
         }

@@ -29,6 +29,7 @@ use crate::jetstream::NatsUrl;
 use crate::metrics::{self, Metrics};
 use crate::pause::{Hold, Ran};
 use crate::progress::{Backfill, Progress, Unit};
+use crate::sink::writers::Writers;
 use crate::sink::{self, Commit, Sink, SinkError};
 use crate::source::nats::{Feedback, NatsConfig, NatsSource, Summary};
 use crate::source::{OnDone, Source, SourceConfig};
@@ -71,6 +72,15 @@ pub struct RunConfig {
     pub partitions: u32,
     /// How long a partition lease lasts without renewal.
     pub lease: Duration,
+    /// Connections writing batches at once (see `sink::writers`).
+    pub writers: usize,
+}
+
+/// `--writers` by default: two connections load about 1.8x what one does
+/// (the server parses one COPY while the other is sent), more than the
+/// cores only contend.
+pub fn default_writers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
 }
 
 /// Totals of a run, printed at the end.
@@ -165,7 +175,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     let db = database(&config).await?;
     println!("host id: {}", config.host_id);
     let shared = nats_url.as_ref().map(|_| config.lease);
-    let mut sink = Sink::connect_as(
+    let sink = Sink::connect_as(
         &db.url,
         config.connect_timeout,
         Some(config.host_id.clone()),
@@ -314,27 +324,21 @@ pub async fn run(config: RunConfig) -> anyhow::Result<Totals> {
     let mut totals = Totals::default();
     let mut last_report = Instant::now();
     let m = metrics::global();
-    // Between batches the sink replaces a connection found dead, so that
-    // an idle host's /healthz tells how its database is.
-    let mut check = tokio::time::interval(Duration::from_secs(5));
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let commit = tokio::select! {
-            commit = commit_rx.recv() => commit,
-            _ = check.tick() => {
-                sink.check_connection().await;
+    let mut writers = Writers::start(sink, config.writers, config.connect_timeout).await?;
+    let mut input_open = true;
+    // Batches go to the writers as they come; their results come back in
+    // batch order, and are taken as they come.
+    while input_open || !writers.is_idle() {
+        let (commit, done) = tokio::select! {
+            commit = commit_rx.recv(), if input_open && writers.has_room() => {
+                match commit {
+                    Some(commit) => writers.send(commit).await,
+                    None => input_open = false,
+                }
                 continue;
             }
-            () = &mut deadline => return Err(ShutdownTimedOut { timeout: shutdown_timeout, in_flight: None }.into()),
-        };
-        let Some(commit) = commit else { break };
-        let done = tokio::select! {
-            done = sink.commit(&commit) => done,
-            () = &mut deadline => return Err(ShutdownTimedOut {
-                timeout: shutdown_timeout,
-                in_flight: Some((commit.rows_in, commit.events.len())),
-            }
-            .into()),
+            done = writers.next() => done?,
+            () = &mut deadline => return Err(ShutdownTimedOut { timeout: shutdown_timeout, in_flight: writers.in_flight() }.into()),
         };
         let done = match (done, &nats) {
             (Ok(done), _) => done,

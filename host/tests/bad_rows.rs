@@ -267,3 +267,73 @@ fn a_reconnect_runs_no_ddl_and_logs_no_notice() {
         1
     );
 }
+
+/// With parallel writers a batch the database refuses rows of is bisected
+/// while the batches after it are copied; they commit after it, in input
+/// order, and the table is exact.
+#[test]
+fn a_refused_batch_holds_the_commits_after_it_with_2_and_4_writers() {
+    for writers in ["2", "4"] {
+        let name = format!("bad_rows_refused_writers{writers}");
+        let dir = scratch(&name);
+        let input = dir.join("input");
+        // 1000 rows in batches of 100; the refused ones land in the fifth.
+        let mut rows: Vec<String> = (0..1000).map(|_| row(1, 1)).collect();
+        rows[450] = row(13, 1);
+        rows[460] = row(13, 2);
+        write_csv(&input, "a.csv", &rows);
+        let good: BTreeSet<String> = rows
+            .iter()
+            .filter(|r| !r.contains(",13,"))
+            .map(|r| r.split(',').next().unwrap().to_owned())
+            .collect();
+        let url = fresh_db(&name);
+        query(&url, host::sink::schema::EVENTS_TABLE);
+        query(
+            &url,
+            "ALTER TABLE ecommerce_events ADD CONSTRAINT no_user_13 CHECK (user_id <> 13)",
+        );
+        let plugins = plugins_for(&dir, Chain::Empty);
+        let out = host()
+            .env(
+                "RUST_LOG",
+                "info,host::sink=debug,wasmtime=warn,cranelift=warn",
+            )
+            .args(run_args(&plugins, &input, &url, &dir.join("state")))
+            .args(["--once", "--batch-size", "100", "--writers", writers])
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        assert_eq!(ids_in_table(&url), good, "{writers} writers");
+        let q = quarantine(&url);
+        assert_eq!(q.len(), 2, "{q:?}");
+        assert!(q.iter().all(|(kind, _, _)| kind == "refused"), "{q:?}");
+        // Batch ids are taken at commit: in their order the batches must
+        // cover the file front to back, 100 rows each, and the refused
+        // rows belong to the fifth.
+        let batches = query(
+            &url,
+            "SELECT rows_in, rows_failed FROM pipeline.batches WHERE rows_in > 0 ORDER BY batch_id",
+        );
+        let counts: Vec<(String, String)> = batches
+            .iter()
+            .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
+            .collect();
+        let mut want = vec![("100".to_owned(), "0".to_owned()); 10];
+        want[4].1 = "2".to_owned();
+        assert_eq!(counts, want, "{writers} writers: batches in commit order");
+        let quarantined_in = count(
+            &url,
+            "SELECT count(DISTINCT q.batch_id) FROM pipeline.quarantine q JOIN (SELECT batch_id, row_number() OVER (ORDER BY batch_id) AS n FROM pipeline.batches WHERE rows_in > 0) b USING (batch_id) WHERE b.n = 5",
+        );
+        assert_eq!(
+            quarantined_in, 1,
+            "the refused rows' batch is the fifth committed"
+        );
+        let waited = log
+            .matches("its commit waits for the batch before it")
+            .count();
+        println!("{writers} writers: {waited} commits waited for the batch before");
+    }
+}

@@ -55,6 +55,12 @@ pub fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
 }
 
+/// Whether the server ended the transaction to break a deadlock: two
+/// batches in flight, each holding a row the other inserts.
+pub fn is_deadlock(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED)
+}
+
 /// The database's own words for an error: its SQLSTATE, message, detail,
 /// hint and the column or constraint concerned, never the bare `db
 /// error` of `tokio_postgres::Error`'s Display; for an error without a

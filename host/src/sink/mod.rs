@@ -25,8 +25,10 @@
 pub mod columns;
 pub mod copy;
 pub mod fault;
+pub mod order;
 pub mod plugin_records;
 pub mod schema;
+pub mod writers;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -45,6 +47,7 @@ use crate::stage::events::PluginEvent;
 use crate::stage::shadow::ShadowDiff;
 use crate::stage::Event;
 use fault::{describe, Fault};
+use order::Turn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -69,6 +72,10 @@ pub enum SinkError {
         partition: u32,
         epoch: i64,
     },
+    #[error("an earlier batch in flight was not committed, so this one is not either (commits keep the input's order)")]
+    Aborted,
+    #[error("the batch held a row an earlier batch in flight was waiting for: rolled back, to be written again after it")]
+    Yielded,
     #[error("the batch would move {count} committed file position(s) backwards (the database is ahead of this host's view of its input): nothing is committed; start the host again to resume from what is committed")]
     Backwards { count: usize },
 }
@@ -78,8 +85,9 @@ impl SinkError {
     pub fn fault(&self) -> Fault {
         match self {
             SinkError::Db(e) | SinkError::Connect { source: e, .. } => Fault::of(e),
-            SinkError::Timeout(_) | SinkError::Locked(_) => Fault::Transient,
+            SinkError::Timeout(_) | SinkError::Locked(_) | SinkError::Yielded => Fault::Transient,
             SinkError::Shutdown
+            | SinkError::Aborted
             | SinkError::Fenced { .. }
             | SinkError::Backwards { .. }
             | SinkError::LeaseLost { .. } => Fault::Persistent,
@@ -148,6 +156,9 @@ pub struct Sink {
     session: Option<(i32, String)>,
     /// Written into every batch record (`--host-id`).
     host: Option<String>,
+    /// Whether this connection takes the host lock: the first writer's
+    /// does; the others share its generation, which every commit checks.
+    takes_lock: bool,
     /// Set when hosts share the database by partitions of a stream (see
     /// `source::lease`) rather than by the host lock: no lock, no
     /// generation, and the server aborts a transaction left idle this
@@ -181,6 +192,7 @@ impl Sink {
             session: None,
             host,
             shared,
+            takes_lock: true,
         };
         let deadline = Instant::now() + patience;
         let mut backoff = Backoff::default();
@@ -192,6 +204,33 @@ impl Sink {
                 Err(e @ (SinkError::Connect { .. } | SinkError::Locked(_)))
                     if Instant::now() < deadline =>
                 {
+                    tracing::warn!("{e}; retrying");
+                    tokio::time::sleep(backoff.next_wait()).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Another writer beside this one: its own connection, without the
+    /// host lock, committing under this one's generation.
+    pub async fn secondary(&self, patience: Duration) -> Result<Sink, SinkError> {
+        let mut sink = Sink {
+            url: self.url.clone(),
+            conn: None,
+            staging_for: 0,
+            generation: self.generation,
+            session: None,
+            host: self.host.clone(),
+            shared: self.shared,
+            takes_lock: false,
+        };
+        let deadline = Instant::now() + patience;
+        let mut backoff = Backoff::default();
+        loop {
+            match sink.reconnect().await {
+                Ok(()) => return Ok(sink),
+                Err(e @ SinkError::Connect { .. }) if Instant::now() < deadline => {
                     tracing::warn!("{e}; retrying");
                     tokio::time::sleep(backoff.next_wait()).await;
                 }
@@ -241,6 +280,8 @@ impl Sink {
                     idle.as_millis().max(1000)
                 ))
                 .await?;
+        }
+        if self.shared.is_some() || !self.takes_lock {
             let statements = Statements::prepare(&client).await?;
             self.conn = Some((client, statements));
             return Ok(());
@@ -300,20 +341,19 @@ impl Sink {
     /// Commits a batch, retrying through outages until it is committed:
     /// the batch is never dropped (its input is not committed either, so a
     /// host killed meanwhile reads it again). Rows the database refuses
-    /// are quarantined and the rest committed.
-    pub async fn commit(&mut self, commit: &Commit) -> Result<Committed, SinkError> {
+    /// are quarantined and the rest committed. The COMMIT waits for `turn`
+    /// (see `order`); the rows are written meanwhile.
+    pub async fn commit(
+        &mut self,
+        commit: &Commit,
+        turn: &mut Turn,
+    ) -> Result<Committed, SinkError> {
         let m = metrics::global();
         let mut backoff = Backoff::default();
         let mut uncertain = false;
         let mut bisect = false;
         loop {
-            let attempt =
-                tokio::time::timeout(COMMIT_TIMEOUT, self.attempt(commit, uncertain, bisect));
-            let result = match attempt.await {
-                Ok(result) => result,
-                Err(_) => Err(SinkError::Timeout(COMMIT_TIMEOUT)),
-            };
-            match result {
+            match self.attempt(commit, turn, uncertain, bisect).await {
                 Ok(done) => {
                     m.set_db_down(false);
                     m.set_problem("database", None);
@@ -324,7 +364,19 @@ impl Sink {
                     return Ok(done);
                 }
                 Err(e) if e.is_fatal() => return Err(e),
-                Err(e @ SinkError::LeaseLost { .. }) => return Err(e),
+                Err(e @ (SinkError::LeaseLost { .. } | SinkError::Aborted)) => return Err(e),
+                Err(SinkError::Db(e)) if fault::is_deadlock(&e) => {
+                    // Rolled back by the server; the connection is fine, and
+                    // the other batch goes on.
+                    tracing::debug!(batch = %commit.id, "{}; writing the batch again", describe(&e));
+                }
+                Err(SinkError::Yielded) => {
+                    // Rolled back; the connection is fine. Once the batch
+                    // before has committed, nothing earlier waits for this
+                    // one's rows any more.
+                    tracing::debug!(batch = %commit.id, "rolled back for an earlier batch it blocked; writing it again after that one");
+                    turn.wait().await?;
+                }
                 Err(e) if e.fault() == Fault::Data && !bisect => {
                     // The transaction was rolled back; the connection is fine.
                     tracing::warn!(batch = %commit.id, "{e}; finding the rows it refuses, to quarantine them and commit the rest");
@@ -354,6 +406,7 @@ impl Sink {
     async fn attempt(
         &mut self,
         commit: &Commit,
+        turn: &mut Turn,
         uncertain: bool,
         bisect: bool,
     ) -> Result<Committed, SinkError> {
@@ -362,22 +415,28 @@ impl Sink {
             .as_ref()
             .is_none_or(|(client, _)| client.is_closed())
         {
-            self.reconnect().await?;
+            within(self.reconnect()).await?;
         }
         let generation = match self.shared {
             Some(_) => None,
             None => Some(self.generation.ok_or(SinkError::Shutdown)?),
         };
-        let host = self.host.as_deref();
+        let writer = Writer {
+            ids: (generation, self.host.as_deref()),
+            pid: self.session.as_ref().map_or(0, |(pid, _)| *pid),
+        };
         let (client, st) = self.conn.as_mut().ok_or(SinkError::Shutdown)?;
         if uncertain {
-            if let Some(row) = client
-                .query_opt(
-                    "SELECT batch_id, rows_written, rows_conflicting FROM pipeline.batches WHERE batch_uuid = $1",
-                    &[&commit.id],
-                )
-                .await?
-            {
+            let found = within(async {
+                Ok(client
+                    .query_opt(
+                        "SELECT batch_id, rows_written, rows_conflicting FROM pipeline.batches WHERE batch_uuid = $1",
+                        &[&commit.id],
+                    )
+                    .await?)
+            })
+            .await?;
+            if let Some(row) = found {
                 let written: i32 = row.get(1);
                 let conflicting: i32 = row.get(2);
                 return Ok(Committed {
@@ -389,21 +448,38 @@ impl Sink {
             }
         }
         if bisect {
-            return write(client, st, commit, (generation, host), Path::Bisect).await;
+            return write(client, st, commit, turn, &writer, Path::Bisect).await;
         }
         if self.staging_for > 0 {
             self.staging_for -= 1;
-            return write(client, st, commit, (generation, host), Path::Staging).await;
+            return write(client, st, commit, turn, &writer, Path::Staging).await;
         }
-        match write(client, st, commit, (generation, host), Path::Direct).await {
+        match write(client, st, commit, turn, &writer, Path::Direct).await {
             Err(SinkError::Db(e)) if fault::is_unique_violation(&e) => {
                 tracing::debug!(batch = %commit.id, "batch holds rows the table has; writing it through staging");
                 self.staging_for = STAGING_AFTER_CONFLICT;
-                write(client, st, commit, (generation, host), Path::Staging).await
+                write(client, st, commit, turn, &writer, Path::Staging).await
             }
             other => other,
         }
     }
+}
+
+/// Who writes a batch: the generation and host id its record carries,
+/// and the server session its transaction runs in.
+struct Writer<'a> {
+    ids: (Option<i64>, Option<&'a str>),
+    pid: i32,
+}
+
+/// A step of a commit, given up after `COMMIT_TIMEOUT`: a dead connection
+/// or a blocked table. Waiting for the turn is not such a step.
+async fn within<T>(
+    step: impl std::future::Future<Output = Result<T, SinkError>>,
+) -> Result<T, SinkError> {
+    tokio::time::timeout(COMMIT_TIMEOUT, step)
+        .await
+        .unwrap_or(Err(SinkError::Timeout(COMMIT_TIMEOUT)))
 }
 
 /// The connection settings of `url`, with what finds a dead connection
@@ -691,18 +767,39 @@ async fn bisect_rows(
     Ok(rows)
 }
 
-/// One attempt: the whole batch in one transaction.
+/// One attempt: the whole batch in one transaction. The rows are
+/// written at once; the rest, and COMMIT, once the batch's turn has come.
 async fn write(
     client: &mut Client,
     st: &Statements,
     c: &Commit,
-    (generation, host): (Option<i64>, Option<&str>),
+    turn: &mut Turn,
+    writer: &Writer<'_>,
     path: Path,
 ) -> Result<Committed, SinkError> {
     let started = Instant::now();
-    let mut tx = client.transaction().await?;
+    let mut tx = within(async { Ok(client.transaction().await?) }).await?;
+    turn.begun(writer.pid);
+    let rows = within(write_rows(&mut tx, st, c, path)).await?;
+    turn.wait_in(&tx, writer.pid).await?;
+    if let Some(hold) = order::test_hold() {
+        tracing::info!(
+            batch = turn.seq(),
+            "test hook: holding the commit for {hold:?}"
+        );
+        tokio::time::sleep(hold).await;
+    }
+    within(finish(tx, st, c, writer.ids, rows, started)).await
+}
 
-    let rows = if c.events.is_empty() {
+/// The batch's rows, by `path`.
+async fn write_rows(
+    tx: &mut Transaction<'_>,
+    st: &Statements,
+    c: &Commit,
+    path: Path,
+) -> Result<Rows, SinkError> {
+    Ok(if c.events.is_empty() {
         Rows::default()
     } else {
         match path {
@@ -717,16 +814,27 @@ async fn write(
                 }
             }
             Path::Staging => {
-                let written = through_staging(&tx, st, &c.events).await?;
+                let written = through_staging(tx, st, &c.events).await?;
                 Rows {
                     written,
                     conflicting: c.events.len() as u64 - written,
                     ..Rows::default()
                 }
             }
-            Path::Bisect => bisect_rows(&mut tx, st, &c.events).await?,
+            Path::Bisect => bisect_rows(tx, st, &c.events).await?,
         }
-    };
+    })
+}
+
+/// Everything of the batch but its rows, then COMMIT.
+async fn finish(
+    tx: Transaction<'_>,
+    st: &Statements,
+    c: &Commit,
+    (generation, host): (Option<i64>, Option<&str>),
+    rows: Rows,
+    started: Instant,
+) -> Result<Committed, SinkError> {
     let (written, conflicting) = (rows.written, rows.conflicting);
 
     let stages = stages_json(&c.stages);
