@@ -76,11 +76,11 @@ pub struct RunConfig {
     pub writers: usize,
 }
 
-/// `--writers` by default: two connections load about 1.8x what one does
-/// (the server parses one COPY while the other is sent), more than the
-/// cores only contend.
+/// `--writers` by default: one, until the whole test suite has run with
+/// more; `--writers 2` measured 1.11-1.16x one COPY session (see
+/// docs/performance.md).
 pub fn default_writers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+    1
 }
 
 /// Totals of a run, printed at the end.
