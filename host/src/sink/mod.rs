@@ -194,22 +194,8 @@ impl Sink {
             shared,
             takes_lock: true,
         };
-        let deadline = Instant::now() + patience;
-        let mut backoff = Backoff::default();
-        loop {
-            match sink.reconnect().await {
-                Ok(()) => return Ok(sink),
-                // A host killed a moment ago may still hold the lock until
-                // the server notices its connection is gone.
-                Err(e @ (SinkError::Connect { .. } | SinkError::Locked(_)))
-                    if Instant::now() < deadline =>
-                {
-                    tracing::warn!("{e}; retrying");
-                    tokio::time::sleep(backoff.next_wait()).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        sink.reconnect_within(patience).await?;
+        Ok(sink)
     }
 
     /// Another writer beside this one: its own connection, without the
@@ -225,12 +211,22 @@ impl Sink {
             shared: self.shared,
             takes_lock: false,
         };
+        sink.reconnect_within(patience).await?;
+        Ok(sink)
+    }
+
+    /// Connects, retrying until `patience` runs out: the server may be
+    /// starting, and a host killed a moment ago may still hold the lock
+    /// until the server notices its connection is gone.
+    async fn reconnect_within(&mut self, patience: Duration) -> Result<(), SinkError> {
         let deadline = Instant::now() + patience;
         let mut backoff = Backoff::default();
         loop {
-            match sink.reconnect().await {
-                Ok(()) => return Ok(sink),
-                Err(e @ SinkError::Connect { .. }) if Instant::now() < deadline => {
+            match self.reconnect().await {
+                Ok(()) => return Ok(()),
+                Err(e @ (SinkError::Connect { .. } | SinkError::Locked(_)))
+                    if Instant::now() < deadline =>
+                {
                     tracing::warn!("{e}; retrying");
                     tokio::time::sleep(backoff.next_wait()).await;
                 }
