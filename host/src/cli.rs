@@ -354,10 +354,11 @@ pub struct RunArgs {
     /// How long to wait for the database at start.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub connect_timeout: Duration,
-    /// Database connections writing batches at once [default: 1]. Their
-    /// rows are copied in parallel; their commits still go in batch order,
-    /// so what is committed is always a prefix of the input. 2 loads about
-    /// 1.1x one COPY session on 2 cores.
+    /// Database connections writing batches at once [default: 2, or 1 on
+    /// a single core]. Their rows are copied in parallel; their commits
+    /// still go in batch order, so what is committed is always a prefix of
+    /// the input. 2 loads about 1.1x one COPY session on 2 cores; 1 writes
+    /// one batch at a time.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
     pub writers: Option<u16>,
     /// After SIGTERM/SIGINT, how long to try to commit what is in flight

@@ -76,11 +76,12 @@ pub struct RunConfig {
     pub writers: usize,
 }
 
-/// `--writers` by default: one, until the whole test suite has run with
-/// more; `--writers 2` measured 1.11-1.16x one COPY session (see
-/// docs/performance.md).
+/// `--writers` by default: two, or one on a single core. Two measured
+/// 1.11-1.16x one COPY session on 2 cores (docs/performance.md); more
+/// writers than cores only queue for the same CPU, and PostgreSQL needs
+/// cores of its own.
 pub fn default_writers() -> usize {
-    1
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
 }
 
 /// Totals of a run, printed at the end.
