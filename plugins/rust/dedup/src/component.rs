@@ -10,7 +10,9 @@ use ecommerce::pipeline::types::{BatchResult, Event};
 use exports::ecommerce::pipeline::stage::Guest;
 
 thread_local! {
-    static STATE: RefCell<Dedup> = RefCell::new(Dedup::new(Config::default()));
+    // Replaced by `init`, which the host calls first: empty until then, so
+    // that the window is reserved once, at the size configured.
+    static STATE: RefCell<Dedup> = RefCell::new(Dedup::default());
 }
 
 struct DedupStage;
