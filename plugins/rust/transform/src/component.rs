@@ -3,7 +3,7 @@
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::{normalise_type, rejection, Config, Fields};
+use crate::{is_normal, normalise_type, rejection, Config, Fields};
 
 wit_bindgen::generate!({ world: "plugin", path: "../../../wit" });
 
@@ -41,9 +41,8 @@ impl Guest for Transform {
             let mut events = Vec::with_capacity(batch.len());
             let mut rejected = Vec::new();
             for mut event in batch {
-                let normalised = normalise_type(&event.event_type);
-                if normalised != event.event_type {
-                    event.event_type = normalised;
+                if !is_normal(&event.event_type) {
+                    event.event_type = normalise_type(&event.event_type);
                 }
                 let fields = Fields {
                     event_id: &event.event_id,

@@ -92,6 +92,19 @@ pub fn normalise_type(raw: &str) -> String {
     out
 }
 
+/// Whether `normalise_type` would return `raw` unchanged, told without
+/// allocating: lowercase ASCII letters, digits and single underscores
+/// between them. Nearly every event is spelled so; the others take the
+/// full normalisation.
+pub fn is_normal(raw: &str) -> bool {
+    let bytes = raw.as_bytes();
+    bytes.first() != Some(&b'_')
+        && bytes
+            .iter()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+        && !bytes.windows(2).any(|w| w == b"__")
+}
+
 /// The fields the rules look at, borrowed from an event.
 pub struct Fields<'a> {
     pub event_id: &'a str,
@@ -182,6 +195,40 @@ mod tests {
         assert_eq!(normalise_type("VIEW"), "view");
         assert_eq!(normalise_type(" Purchase "), "purchase");
         assert_eq!(normalise_type("Remove From Cart"), "remove_from_cart");
+    }
+
+    #[test]
+    fn what_is_normal_is_left_as_it_is() {
+        for kind in [
+            "view",
+            "add_to_cart",
+            "remove_from_cart",
+            "purchase",
+            "v2_",
+            "a1",
+        ] {
+            assert!(is_normal(kind), "{kind}");
+        }
+        // Every string of up to 5 of these characters: a normal one is
+        // what normalising it gives back.
+        let alphabet = ['a', 'Z', '0', '_', '-', ' ', 'é'];
+        let mut strings = vec![String::new()];
+        for _ in 0..5 {
+            let longer: Vec<String> = strings
+                .iter()
+                .filter(|s| s.chars().count() == strings.last().unwrap().chars().count())
+                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            strings.extend(longer);
+        }
+        for s in &strings {
+            if is_normal(s) {
+                assert_eq!(&normalise_type(s), s);
+            }
+        }
+        for s in ["_view", "add__to", "View", "add-to", " view", "vié"] {
+            assert!(!is_normal(s), "{s}");
+        }
     }
 
     #[test]
