@@ -357,7 +357,7 @@ pub struct RunArgs {
     /// Database connections writing batches at once [default: 2, or 1 on
     /// a single core]. Their rows are copied in parallel; their commits
     /// still go in batch order, so what is committed is always a prefix of
-    /// the input. 2 loads about 1.1x one COPY session on 2 cores; 1 writes
+    /// the input. 2 loaded 1.1-1.2x one COPY session on 2 cores; 1 writes
     /// one batch at a time.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=32))]
     pub writers: Option<u16>,
