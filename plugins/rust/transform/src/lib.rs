@@ -93,9 +93,9 @@ pub fn normalise_type(raw: &str) -> String {
 }
 
 /// Whether `normalise_type` would return `raw` unchanged, told without
-/// allocating: lowercase ASCII letters, digits and single underscores
-/// between them. Nearly every event is spelled so; the others take the
-/// full normalisation.
+/// allocating: lowercase ASCII letters, digits and underscores, none of
+/// them first and no two together. Nearly every event is spelled so; the
+/// others take the full normalisation.
 pub fn is_normal(raw: &str) -> bool {
     let bytes = raw.as_bytes();
     bytes.first() != Some(&b'_')
