@@ -15,6 +15,7 @@
 #[cfg(target_arch = "wasm32")]
 mod component;
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
 pub const MAGIC: &[u8; 4] = b"DDUP";
@@ -87,21 +88,25 @@ impl Key {
 
 /// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in lowercase hex, as 128 bits.
 fn pack_uuid(text: &[u8]) -> Option<u128> {
-    if text.len() != 36 {
+    let text: &[u8; 36] = text.try_into().ok()?;
+    if [8, 13, 18, 23].iter().any(|&i| text[i] != b'-') {
         return None;
     }
-    let mut bits = 0u128;
-    for (i, &c) in text.iter().enumerate() {
-        let digit = match (i, c) {
-            (8 | 13 | 18 | 23, b'-') => continue,
-            (8 | 13 | 18 | 23, _) => return None,
-            (_, b'0'..=b'9') => c - b'0',
-            (_, b'a'..=b'f') => c - b'a' + 10,
-            _ => return None,
-        };
-        bits = bits << 4 | digit as u128;
-    }
-    Some(bits)
+    // Two 64-bit halves: on wasm32 a u128 is emulated, and shifting one
+    // per digit cost more than the rest of the stage's work on an event.
+    let digits = |acc: u64, range: std::ops::Range<usize>| -> Option<u64> {
+        text[range].iter().try_fold(acc, |n, &c| {
+            let digit = match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' => c - b'a' + 10,
+                _ => return None,
+            };
+            Some(n << 4 | u64::from(digit))
+        })
+    };
+    let high = digits(digits(digits(0, 0..8)?, 9..13)?, 14..18)?;
+    let low = digits(digits(0, 19..23)?, 24..36)?;
+    Some(u128::from(high) << 64 | u128::from(low))
 }
 
 /// A multiply-rotate hasher (the Fx hash of rustc): ids are random, so the
@@ -186,15 +191,21 @@ impl Dedup {
     }
 
     fn admit_key(&mut self, key: Key, time: i64) -> bool {
-        if let Some(&seen_at) = self.seen.get(&key) {
-            if self.newest.saturating_sub(seen_at) <= self.config.window_us {
-                return false;
+        // One lookup for both the check and the insert.
+        match self.seen.entry(key) {
+            Entry::Occupied(mut seen) => {
+                if self.newest.saturating_sub(*seen.get()) <= self.config.window_us {
+                    return false;
+                }
+                // Seen before the window: admitted again, with its new time.
+                seen.insert(time);
+            }
+            Entry::Vacant(new) => {
+                self.order.push_back(new.key().clone());
+                new.insert(time);
             }
         }
         self.newest = self.newest.max(time);
-        if self.seen.insert(key.clone(), time).is_none() {
-            self.order.push_back(key);
-        }
         self.evict();
         true
     }
@@ -345,6 +356,33 @@ mod tests {
         assert!(!e.admit(id, 3));
         assert!(!e.admit("0F8FAD5B-D9CB-469F-A165-70867728950E", 3));
         assert_eq!(e.snapshot(), d.snapshot());
+    }
+
+    #[test]
+    fn a_packed_uuid_is_its_32_hex_digits() {
+        for id in [
+            "0f8fad5b-d9cb-469f-a165-70867728950e",
+            "00000000-0000-0000-0000-000000000000",
+            "ffffffff-ffff-ffff-ffff-ffffffffffff",
+            "01234567-89ab-cdef-0123-456789abcdef",
+        ] {
+            let digits = id.replace('-', "");
+            assert_eq!(
+                pack_uuid(id.as_bytes()),
+                u128::from_str_radix(&digits, 16).ok(),
+                "{id}"
+            );
+        }
+        for other in [
+            "0f8fad5b-d9cb-469f-a165-70867728950",
+            "0f8fad5b-d9cb-469f-a165-70867728950ee",
+            "0f8fad5bdd9cb-469f-a165-70867728950e",
+            "0f8fad5b-d9cb-469f-a165-70867728950g",
+            "0f8fad5b-d9cb-469f-a165-7086772895-e",
+            "+f8fad5b-d9cb-469f-a165-70867728950e",
+        ] {
+            assert_eq!(pack_uuid(other.as_bytes()), None, "{other}");
+        }
     }
 
     #[test]
