@@ -77,9 +77,20 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// What the comment of every test database starts with; the pid of the
+/// test process that created it follows.
+const TEST_DB_COMMENT: &str = "ecommerce-streaming-pipeline test database, pid ";
+
 /// Creates an empty database for one test and returns its URL.
+///
+/// A test process cannot drop its databases when it ends (the harness has
+/// no teardown), so the first call of each process drops those that
+/// earlier test processes left: databases with this suite's comment whose
+/// process is gone. The server is on loopback, so the pid is this
+/// machine's; a database of a test still running is left alone.
 pub fn fresh_db(name: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
+    static SWEPT: OnceLock<()> = OnceLock::new();
     let db = format!(
         "t_{name}_{}_{}",
         std::process::id(),
@@ -91,12 +102,45 @@ pub fn fresh_db(name: &str) -> String {
             .await
             .unwrap();
         tokio::spawn(conn);
+        if SWEPT.set(()).is_ok() {
+            let left = client
+                .query(
+                    "SELECT d.datname, s.description FROM pg_database d \
+                     JOIN pg_shdescription s ON s.objoid = d.oid AND s.classoid = 'pg_database'::regclass \
+                     WHERE starts_with(s.description, $1)",
+                    &[&TEST_DB_COMMENT],
+                )
+                .await
+                .unwrap();
+            for row in left {
+                let (old, comment): (String, String) = (row.get(0), row.get(1));
+                let Ok(pid) = comment.trim_start_matches(TEST_DB_COMMENT).parse::<u32>() else {
+                    continue;
+                };
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let quoted = old.replace('"', "\"\"");
+                    // Another sweeper may have dropped it first: not an error.
+                    let _ = client
+                        .batch_execute(&format!(
+                            "DROP DATABASE IF EXISTS \"{quoted}\" WITH (FORCE)"
+                        ))
+                        .await;
+                }
+            }
+        }
         client
             .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
             .await
             .unwrap();
         client
             .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        client
+            .batch_execute(&format!(
+                "COMMENT ON DATABASE {db} IS '{TEST_DB_COMMENT}{}'",
+                std::process::id()
+            ))
             .await
             .unwrap();
     });
