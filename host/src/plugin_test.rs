@@ -46,9 +46,13 @@ pub fn run(t: PluginTest) -> anyhow::Result<Summary> {
     let wit = format!("ecommerce:pipeline@{}", component.wit_version);
     if !t.json {
         println!(
-            "component {}: built for {wit}; this host implements {}",
+            "component {}: built for {wit}; this host implements {}; batches go {}",
             t.component.display(),
-            crate::stage::runtime::WIT_PACKAGE
+            crate::stage::runtime::WIT_PACKAGE,
+            match component.columns {
+                true => "in columns (it exports `columns`)",
+                false => "as lists of records",
+            }
         );
     }
     let name = t

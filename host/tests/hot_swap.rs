@@ -692,7 +692,7 @@ fn host_plugins_lists_stages_and_what_the_database_committed() {
         &format!("sha256      {h1}"),
         &format!("sha256      {h2}"),
         "version     1.0",
-        "loads       yes, type-checks against ecommerce:pipeline@0.1.0",
+        "loads       yes, type-checks against ecommerce:pipeline@0.1.1",
         "limits      memory 64 MiB, time per batch 250 ms",
         "grants      clock",
         "config      mode=pass",

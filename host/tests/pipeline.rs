@@ -130,6 +130,113 @@ fn transform_rejections_are_quarantined_with_their_reason() {
     assert!(reasons.iter().all(|r| r[2].as_deref() == Some("transform")));
 }
 
+/// The quarantine in a comparable form: file name, line, kind, stage,
+/// reason (with how far in the future a time is, which the clock moves).
+fn quarantine_rows(url: &str) -> Vec<Vec<Option<String>>> {
+    query(
+        url,
+        "SELECT regexp_replace(file, '^.*/', ''), line::text, kind, stage, \
+         regexp_replace(reason, 'is [0-9]+ s in the future', 'is N s in the future') \
+         FROM pipeline.quarantine ORDER BY 1, 2, 3",
+    )
+}
+
+#[test]
+fn the_shipped_stages_give_the_same_rows_in_columns_and_as_records() {
+    let dir = scratch("columns_rows");
+    let input = dir.join("input");
+    generate(
+        &input,
+        &[
+            "--files",
+            "5",
+            "--events-per-file",
+            "2000",
+            "--duplicate-rate",
+            "0.05",
+            "--invalid-rate",
+            "0.02",
+            "--seed",
+            "11",
+        ],
+    );
+    // Every rule of the transform, and spellings it renames, in one file
+    // beside the generated ones (duplicates among them for dedup).
+    std::fs::write(
+        input.join("rules.csv"),
+        "event_id,user_id,event_type,product_id,price,event_time\n\
+         11111111-1111-4111-8111-111111111111,1,refund,2,3.00,2026-01-05T00:00:00Z\n\
+         22222222-2222-4222-8222-222222222222,1,view,2,-3.00,2026-01-05T00:00:00Z\n\
+         33333333-3333-4333-8333-333333333333,0,view,2,3.00,2026-01-05T00:00:00Z\n\
+         44444444-4444-4444-8444-444444444444,1,view,2,3.00,2999-01-05T00:00:00Z\n\
+         55555555-5555-4555-8555-555555555555,1,Add To Cart,2,3.00,2026-01-05T00:00:00Z\n\
+         55555555-5555-4555-8555-555555555555,1,add_to_cart,2,3.00,2026-01-05T00:00:00Z\n\
+         66666666-6666-4666-8666-666666666666,1,PURCHASE,2,99999999.99,2026-01-05T00:00:00Z\n\
+         77777777-7777-4777-8777-777777777777,1,remove-from-cart,2,0.00,2026-01-05T00:00:00Z\n",
+    )
+    .unwrap();
+
+    let tested = host()
+        .args(["plugin", "test"])
+        .arg(plugins_dir().join("transform.wasm"))
+        .arg("--input")
+        .arg(input.join("rules.csv"))
+        .args(["--grant", "clock", "--cache-dir"])
+        .arg(cache_dir())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&tested.stdout);
+    assert!(
+        said.contains("batches go in columns (it exports `columns`)"),
+        "{said}\n{}",
+        String::from_utf8_lossy(&tested.stderr)
+    );
+
+    let columns = fresh_db("columns_cols");
+    run_once(&plugins_dir(), &input, &columns, &dir.join("state_c"), &[]);
+    let records = fresh_db("columns_recs");
+    let out = host()
+        .args(run_args(
+            &plugins_dir(),
+            &input,
+            &records,
+            &dir.join("state_r"),
+        ))
+        .arg("--once")
+        .env("PIPELINE_TEST_ROW_CALLS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let table_c = table(&columns);
+    assert!(table_c.len() > 9_000, "{} rows", table_c.len());
+    assert_eq!(table_c, table(&records), "the same rows either way");
+    assert_eq!(
+        table_c
+            .get("55555555-5555-4555-8555-555555555555")
+            .map(|r| r.1.as_str()),
+        Some("add_to_cart")
+    );
+    let quarantine_c = quarantine_rows(&columns);
+    assert!(
+        quarantine_c
+            .iter()
+            .filter(|r| r[2].as_deref() == Some("rejected"))
+            .count()
+            >= 4,
+        "{quarantine_c:?}"
+    );
+    assert_eq!(
+        quarantine_c,
+        quarantine_rows(&records),
+        "the same quarantine"
+    );
+}
+
 #[test]
 fn embedded_default_starts_its_own_postgres() {
     let dir = scratch("embedded");

@@ -1,7 +1,8 @@
 //! The sandbox holds against stages written to misbehave on a few events:
 //! each run of `host run --once` (time-per-batch 1 s, memory 64 MiB) exits
 //! 0, stays far below 1 GiB of memory, commits every good row, and
-//! quarantines the bad events with the stage and the reason. And the
+//! quarantines the bad events with the stage and the reason (a stage in
+//! columns that returns columns that are not a batch included). And the
 //! state of a counting stage committed with `snapshot = "every-batch"`
 //! equals the events it processed in committed batches, whatever traps,
 //! swaps and kills happen.
@@ -50,10 +51,22 @@ fn run_measured(mut cmd: Command, dir: &Path) -> Measured {
 /// Runs the `faulty` fixture in `mode` over `n` rows, of which those at
 /// `bad` have user 666 (what the modes misbehave on).
 fn run_mode(name: &str, mode: &str, grants: &str, n: usize, bad: &[usize]) -> (String, Measured) {
+    run_fixture(name, "faulty.wasm", mode, grants, n, bad)
+}
+
+/// `run_mode` with another misbehaving fixture, run as stage `faulty`.
+fn run_fixture(
+    name: &str,
+    fixture: &str,
+    mode: &str,
+    grants: &str,
+    n: usize,
+    bad: &[usize],
+) -> (String, Measured) {
     let dir = scratch(name);
     let plugins = plugins_with(
         &dir,
-        &[(&fixtures_dir().join("faulty.wasm"), "faulty.wasm")],
+        &[(&fixtures_dir().join(fixture), "faulty.wasm")],
         &format!(
             "[[stage]]\nname = \"faulty\"\ncomponent = \"faulty.wasm\"\ngrants = [{grants}]\n\
              limits = {{ time-per-batch = \"1s\", memory = \"64MiB\" }}\n[stage.config]\nmode = \"{mode}\"\n"
@@ -165,6 +178,34 @@ fn a_spin_in_snapshot_fails_the_batch_and_isolates_the_event() {
 fn a_result_aliasing_one_string_is_refused_before_the_host_copies_it() {
     let (url, run) = run_mode("alias", "alias", "", 100, &[60]);
     assert_held("aliased string", &url, &run, 99, 1, "output budget");
+}
+
+#[test]
+fn columns_that_are_not_a_batch_are_a_stage_failure() {
+    for (mode, reason) in [
+        ("ragged", "columns have different lengths"),
+        ("past-end", "is past the end of its"),
+        ("split-char", "is not on a UTF-8 character boundary"),
+    ] {
+        let name = format!("columns_{}", mode.replace('-', "_"));
+        let (url, run) = run_fixture(&name, "faulty_columns.wasm", mode, "", 100, &[41]);
+        assert_held(mode, &url, &run, 99, 1, reason);
+    }
+}
+
+#[test]
+fn columns_that_would_make_too_many_host_events_are_refused() {
+    // Each of the 20,000 empty events lifts within the budget; the events
+    // the host would make of them do not.
+    let (url, run) = run_fixture(
+        "columns_inflate",
+        "faulty_columns.wasm",
+        "inflate",
+        "",
+        100,
+        &[41],
+    );
+    assert_held("inflated columns", &url, &run, 99, 1, "output budget");
 }
 
 #[test]

@@ -1,13 +1,13 @@
 //! WIT versioning, end to end: a plugin built for a later patch release of
-//! `ecommerce:pipeline` (0.1.1, with a new type and a new function) loads
-//! and runs in this 0.1.0 host, through `host plugin test` and
+//! `ecommerce:pipeline` (0.1.9, with a new type and a new function) loads
+//! and runs in this 0.1.1 host, through `host plugin test` and
 //! `host run --once`; plugins built for 0.2.0 or 1.0.0 are refused with a
 //! message naming the version they target and the versions the host
 //! supports, at start and on a hot swap (where the old version keeps
-//! running and a later swap to the 0.1.1 plugin goes through). The
+//! running and a later swap to the 0.1.9 plugin goes through). The
 //! components are real, built from
 //! `host/tests/fixtures/plugins/{wit_patch,wit_next}` against the WIT
-//! copies beside them (`wit-0.1.1`, `wit-0.2.0`, `wit-1.0.0`).
+//! copies beside them (`wit-0.1.9`, `wit-0.2.0`, `wit-1.0.0`).
 
 mod common;
 
@@ -49,7 +49,7 @@ fn plugin_test(
 #[test]
 fn a_plugin_for_a_later_patch_release_loads_and_runs() {
     let dir = scratch("wit-patch");
-    let component = fixtures_dir().join("wit_0.1.1.wasm");
+    let component = fixtures_dir().join("wit_0.1.9.wasm");
     let input = sample(&dir);
     // Twice with an empty cache of its own: compiled, then deserialised
     // (the semver-aware export map must survive the compile cache).
@@ -64,7 +64,7 @@ fn a_plugin_for_a_later_patch_release_loads_and_runs() {
         );
         assert!(
             text.contains(
-                "built for ecommerce:pipeline@0.1.1; this host implements ecommerce:pipeline@0.1.0"
+                "built for ecommerce:pipeline@0.1.9; this host implements ecommerce:pipeline@0.1.1"
             ),
             "{round}: {text}"
         );
@@ -82,7 +82,8 @@ fn a_plugin_for_a_later_patch_release_loads_and_runs() {
         );
     }
 
-    // In a chain after the 0.1.0 transform: versions mix freely.
+    // In a chain after the 0.1.1 transform (which takes batches in
+    // columns): versions mix freely.
     let plugins = plugins_with(
         &dir,
         &[
@@ -112,7 +113,7 @@ component = "patch.wasm"
     assert_eq!(actual.len(), expected.rows.len());
     for (id, (_, kind, product, price, time)) in &expected.rows {
         let row = actual.get(id).unwrap_or_else(|| panic!("{id} missing"));
-        assert_eq!(row.0, 11, "user_id of {id} set by the 0.1.1 stage");
+        assert_eq!(row.0, 11, "user_id of {id} set by the 0.1.9 stage");
         assert_eq!(
             (&row.1, row.2, &row.3, &row.4),
             (kind, *product, price, time)
@@ -122,7 +123,7 @@ component = "patch.wasm"
         &url,
         "SELECT count(*) FROM pipeline.batches, jsonb_array_elements(stages) s WHERE s->>'name' = 'patch'",
     );
-    assert!(recorded > 0, "batch records name the 0.1.1 stage");
+    assert!(recorded > 0, "batch records name the 0.1.9 stage");
 }
 
 #[test]
@@ -147,7 +148,7 @@ fn plugins_for_other_versions_are_refused_with_the_versions() {
             "{version}: {stderr}"
         );
         assert!(
-            stderr.contains("Rebuild the plugin against this host's wit/pipeline.wit (ecommerce:pipeline@0.1.0)"),
+            stderr.contains("Rebuild the plugin against this host's wit/pipeline.wit (ecommerce:pipeline@0.1.1)"),
             "{version}: {stderr}"
         );
     }
@@ -187,7 +188,7 @@ fn install(from: &Path, plugins: &Path, name: &str) {
 }
 
 #[test]
-fn a_hot_swap_refuses_0_2_0_and_takes_0_1_1() {
+fn a_hot_swap_refuses_0_2_0_and_takes_0_1_9() {
     let dir = scratch("wit-swap");
     let plugins = plugins_with(
         &dir,
@@ -211,7 +212,7 @@ fn a_hot_swap_refuses_0_2_0_and_takes_0_1_1() {
     child.wait_for_log("component rejected", 1);
     feed_ten(&input, &url, "b.csv", 20);
     install(
-        &fixtures_dir().join("wit_0.1.1.wasm"),
+        &fixtures_dir().join("wit_0.1.9.wasm"),
         &plugins,
         "stage.wasm",
     );
@@ -223,7 +224,7 @@ fn a_hot_swap_refuses_0_2_0_and_takes_0_1_1() {
         log.contains("targets ecommerce:pipeline@0.2.0"),
         "the refusal is logged: {log}"
     );
-    // 0.1.0 marker for the first 20 (the 0.2.0 swap was refused), then 0.1.1.
+    // 0.1.1 marker for the first 20 (the 0.2.0 swap was refused), then 0.1.9.
     let by = |sql: &str| {
         count(
             &url,

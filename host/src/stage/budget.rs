@@ -83,7 +83,7 @@ impl Drop for Charge {
 
 /// Takes `bytes` from the current call's budget. Outside a [`Charge`]
 /// nothing is counted (these types are only lifted inside one).
-fn charge(bytes: usize) -> wasmtime::Result<()> {
+pub(super) fn charge(bytes: usize) -> wasmtime::Result<()> {
     LEFT.with(|l| match l.get() {
         None => Ok(()),
         Some((budget, left)) => match left.checked_sub(bytes) {
@@ -208,6 +208,15 @@ pub struct LiftedRejected {
     reason: Budgeted,
 }
 
+impl From<LiftedRejected> for Rejected {
+    fn from(r: LiftedRejected) -> Rejected {
+        Rejected {
+            event: r.event.into(),
+            reason: r.reason.0,
+        }
+    }
+}
+
 /// `batch-result` of the WIT.
 #[derive(ComponentType, Lift)]
 #[component(record)]
@@ -237,15 +246,7 @@ impl From<LiftedBatchResult> for BatchResult {
         // Same size and alignment: `collect` reuses the lifted buffers.
         BatchResult {
             events: r.events.0.into_iter().map(Event::from).collect(),
-            rejected: r
-                .rejected
-                .0
-                .into_iter()
-                .map(|r| Rejected {
-                    event: r.event.into(),
-                    reason: r.reason.0,
-                })
-                .collect(),
+            rejected: r.rejected.0.into_iter().map(Rejected::from).collect(),
         }
     }
 }

@@ -25,6 +25,7 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtxBuilder};
 
 use super::bindings::{BatchResult, Event, Plugin};
 use super::budget::{self, OverBudget, ProcessResult};
+use super::columns::{ColumnsResult, EventColumns};
 use super::manifest::StageSpec;
 use super::runtime::{error_text, LoadedComponent, MemoryLimiter, Runtime, StoreData};
 use super::StageError;
@@ -34,9 +35,17 @@ pub struct StageInstance {
     pub component: Arc<LoadedComponent>,
     store: Store<StoreData>,
     plugin: Plugin,
-    /// `process`, called through the budgeted lift (see `budget`).
-    process: Func,
+    process: Process,
     poisoned: bool,
+}
+
+/// How batches are passed: `process-columns` where the stage exports it,
+/// `process` otherwise; either is called through the budgeted lift (see
+/// `budget`).
+#[derive(Clone, Copy)]
+enum Process {
+    Rows(Func),
+    Columns(Func),
 }
 
 /// A clock that reads zero: what a stage without the "clock" grant sees.
@@ -154,7 +163,11 @@ impl StageInstance {
             }
         };
         let plugin = Plugin::new(&mut store, &instance).map_err(cannot)?;
-        let process = process_export(&mut store, &instance).map_err(cannot)?;
+        let rows = process_export(&mut store, &instance).map_err(cannot)?;
+        let process = match columns_export(&mut store, &instance).map_err(cannot)? {
+            Some(columns) if !test_row_calls() => Process::Columns(columns),
+            _ => Process::Rows(rows),
+        };
         let mut instance = StageInstance {
             spec,
             component,
@@ -196,24 +209,51 @@ impl StageInstance {
             .unwrap_or_else(|| self.component.short_hash().to_owned())
     }
 
-    /// Runs one batch. A trap, a time-out, a result over the output budget
-    /// or an error the stage returns all come back as `Err`.
+    /// Runs one batch. A trap, a time-out, a result over the output budget,
+    /// columns that do not make a batch, or an error the stage returns all
+    /// come back as `Err`.
     pub fn process(&mut self, batch: &[Event]) -> Result<BatchResult, StageError> {
         let limit = self.begin()?;
-        let func = self.process;
-        let outcome = (|| {
-            // Typed here, per call, so the batch is lowered from the
-            // caller's slice without a copy; the check is a comparison of
-            // two small type trees.
-            let typed = func
-                .typed::<(&[Event],), (ProcessResult,)>(&self.store)
-                .map_err(StageError::engine)?;
-            let _charge = budget::Charge::start(budget::for_batch(batch));
-            limited(limit, typed.call_async(&mut self.store, (batch,)))
-                .map(|r| r.map(|r| r.map(|(r,)| r)))
-        })();
+        let budget = budget::for_batch(batch);
+        // Typed per call, so the batch is lowered from the caller's slice
+        // without a copy; the check is a comparison of two small type trees.
+        let outcome = match self.process {
+            Process::Rows(func) => (|| {
+                let typed = func
+                    .typed::<(&[Event],), (ProcessResult,)>(&self.store)
+                    .map_err(StageError::engine)?;
+                let _charge = budget::Charge::start(budget);
+                limited(limit, typed.call_async(&mut self.store, (batch,)))
+                    .map(|r| r.map(|r| r.map(|(r,)| r.map(|r| Ok(r.into())))))
+            })(),
+            Process::Columns(func) => (|| {
+                let typed = func
+                    .typed::<(&EventColumns,), (ColumnsResult,)>(&self.store)
+                    .map_err(StageError::engine)?;
+                let columns = EventColumns::from_rows(batch);
+                let _charge = budget::Charge::start(budget);
+                let store = &mut self.store;
+                limited(limit, async move {
+                    let (result,) = typed.call_async(store, (&columns,)).await?;
+                    // Back to rows under the same charge.
+                    match result {
+                        Ok(lifted) => lifted.into_batch_result().map(Ok),
+                        Err(message) => Ok(Err(message)),
+                    }
+                })
+            })(),
+        };
         match self.finish("process", outcome)? {
-            Ok(result) => Ok(result.into()),
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(message)) => {
+                // A stage whose columns make no batch is not trusted
+                // with another one.
+                self.poisoned = true;
+                Err(StageError::BadOutput {
+                    stage: self.spec.name.clone(),
+                    message,
+                })
+            }
             Err(message) => Err(StageError::Refused {
                 stage: self.spec.name.clone(),
                 message: message.0,
@@ -333,15 +373,57 @@ fn process_export(
     store: &mut Store<StoreData>,
     instance: &wasmtime::component::Instance,
 ) -> wasmtime::Result<Func> {
-    let interface = instance
-        .get_export_index(&mut *store, None, super::runtime::STAGE_EXPORT)
+    let func = export_func(store, instance, super::runtime::STAGE_EXPORT, "process")?
         .ok_or_else(|| wasmtime::format_err!("no export {}", super::runtime::STAGE_EXPORT))?;
-    let func = instance
-        .get_export_index(&mut *store, Some(&interface), "process")
-        .ok_or_else(|| wasmtime::format_err!("no function `process`"))?;
-    let func = instance
-        .get_func(&mut *store, func)
-        .ok_or_else(|| wasmtime::format_err!("`process` is not a function"))?;
     func.typed::<(&[Event],), (ProcessResult,)>(&*store)?;
     Ok(func)
+}
+
+/// Test hook (`PIPELINE_TEST_ROW_CALLS=1`): batches go to `process` even
+/// where a stage exports `columns`, so a test can hold the two paths of
+/// one stage to the same results.
+fn test_row_calls() -> bool {
+    static ROWS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| std::env::var_os("PIPELINE_TEST_ROW_CALLS").is_some_and(|v| v == "1"))
+}
+
+/// `process-columns` in the `columns` export, if the stage has one. A
+/// `columns` export whose function is missing or of another type is an
+/// error, not a reason to fall back: the stage meant to have it.
+fn columns_export(
+    store: &mut Store<StoreData>,
+    instance: &wasmtime::component::Instance,
+) -> wasmtime::Result<Option<Func>> {
+    let Some(func) = export_func(
+        store,
+        instance,
+        super::runtime::COLUMNS_EXPORT,
+        "process-columns",
+    )?
+    else {
+        return Ok(None);
+    };
+    func.typed::<(&EventColumns,), (ColumnsResult,)>(&*store)
+        .map_err(|e| e.context("its `columns` export does not match the WIT"))?;
+    Ok(Some(func))
+}
+
+/// Function `name` of the exported interface `interface`: `None` if the
+/// interface is not exported, an error if it lacks the function.
+fn export_func(
+    store: &mut Store<StoreData>,
+    instance: &wasmtime::component::Instance,
+    interface: &str,
+    name: &str,
+) -> wasmtime::Result<Option<Func>> {
+    let Some(exported) = instance.get_export_index(&mut *store, None, interface) else {
+        return Ok(None);
+    };
+    let func = instance
+        .get_export_index(&mut *store, Some(&exported), name)
+        .ok_or_else(|| wasmtime::format_err!("no function `{name}` in {interface}"))?;
+    instance
+        .get_func(&mut *store, func)
+        .map(Some)
+        .ok_or_else(|| wasmtime::format_err!("`{name}` in {interface} is not a function"))
 }

@@ -17,6 +17,7 @@ pub mod bindings;
 pub mod budget;
 pub mod cache;
 pub mod chain;
+pub mod columns;
 pub mod events;
 pub mod instance;
 pub mod limits;

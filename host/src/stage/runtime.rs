@@ -36,13 +36,17 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// The WIT package version this host implements; plugins built for any
 /// `0.1.x` load (see [`wit_version_supported`]).
-pub const WIT_PACKAGE: &str = "ecommerce:pipeline@0.1.0";
+pub const WIT_PACKAGE: &str = "ecommerce:pipeline@0.1.1";
 
 /// What the host loads, as the refusal of another version says it.
 pub const WIT_SUPPORTED: &str = "ecommerce:pipeline 0.1.x (0.1.0 and any later 0.1 patch release)";
 
 /// The name of the interface every stage exports.
-pub const STAGE_EXPORT: &str = "ecommerce:pipeline/stage@0.1.0";
+pub const STAGE_EXPORT: &str = "ecommerce:pipeline/stage@0.1.1";
+
+/// The interface a stage may also export to take batches in columns
+/// (added in 0.1.1; see `columns`).
+pub const COLUMNS_EXPORT: &str = "ecommerce:pipeline/columns@0.1.1";
 
 /// Every import or export name of the package starts with this, then
 /// the interface name and `@version`: `ecommerce:pipeline/stage@0.1.0`.
@@ -217,6 +221,8 @@ pub struct LoadedComponent {
     /// The `ecommerce:pipeline` version the component was built for (the
     /// highest in its import and export names): `0.1.0`, `0.1.1`, ...
     pub wit_version: String,
+    /// Whether it exports `columns`: batches then go in columns.
+    pub columns: bool,
     pub load_time: Duration,
 }
 
@@ -377,6 +383,10 @@ impl Runtime {
         // usually fails the type checks below too, and "built for 0.2.0"
         // is what its author needs to hear, not which function differs.
         let ty = component.component_type();
+        let columns_track = COLUMNS_EXPORT.split('@').next().unwrap_or(COLUMNS_EXPORT);
+        let columns = ty
+            .exports(&self.engine)
+            .any(|(name, _)| name.split('@').next() == Some(columns_track));
         // Exports first: `…/stage@0.2.0` names the version more plainly
         // than the `…/types@0.2.0` import that comes with it.
         let names = ty
@@ -427,7 +437,7 @@ impl Runtime {
             .frozen
             .instantiate_pre(&component)
             .map_err(wrong_imports)?;
-        // The typed bindings look the export up as `…/stage@0.1.0`;
+        // The typed bindings look the export up as `…/stage@0.1.1`;
         // wasmtime's export map answers that with the component's
         // `…/stage@0.1.z` of the same 0.1 track (the same `NameMap`
         // rule), then checks each function's type.
@@ -447,6 +457,7 @@ impl Runtime {
             pre_frozen,
             cached,
             wit_version,
+            columns,
             load_time: started.elapsed(),
         })
     }

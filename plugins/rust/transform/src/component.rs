@@ -5,9 +5,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::{is_normal, normalise_type, rejection, Config, Fields};
 
-wit_bindgen::generate!({ world: "plugin", path: "../../../wit" });
+wit_bindgen::generate!({ world: "columnar-plugin", path: "../../../wit" });
 
 use ecommerce::pipeline::types::{BatchResult, Event, Rejected};
+use exports::ecommerce::pipeline::columns::{self, ColumnsResult, EventColumns, TextColumn};
 use exports::ecommerce::pipeline::stage::Guest;
 
 thread_local! {
@@ -32,10 +33,7 @@ impl Guest for Transform {
     }
 
     fn process(batch: Vec<Event>) -> Result<BatchResult, String> {
-        let now_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as i64)
-            .unwrap_or(0);
+        let now_us = now_us();
         CONFIG.with(|config| {
             let config = config.borrow();
             let mut events = Vec::with_capacity(batch.len());
@@ -75,6 +73,109 @@ impl Guest for Transform {
             ))
         }
     }
+}
+
+/// What the rules make of one event of a batch in columns.
+enum Verdict {
+    Keep,
+    /// Kept, with its type normalised to this.
+    Renamed(String),
+    Reject(Rejected),
+}
+
+impl columns::Guest for Transform {
+    fn process_columns(batch: EventColumns) -> Result<ColumnsResult, String> {
+        let now_us = now_us();
+        let verdicts: Vec<Verdict> = CONFIG.with(|config| {
+            let config = config.borrow();
+            let ids = ::columns::values(&batch.event_id.data, &batch.event_id.ends);
+            let types = ::columns::values(&batch.event_type.data, &batch.event_type.ends);
+            ids.zip(types)
+                .enumerate()
+                .map(|(i, (event_id, raw_type))| {
+                    let renamed = (!is_normal(raw_type)).then(|| normalise_type(raw_type));
+                    let fields = Fields {
+                        event_id,
+                        user_id: batch.user_id[i],
+                        event_type: renamed.as_deref().unwrap_or(raw_type),
+                        product_id: batch.product_id[i],
+                        price_cents: batch.price_cents[i],
+                        event_time: batch.event_time[i],
+                    };
+                    if let Some(reason) = rejection(&fields, &config, now_us) {
+                        return Verdict::Reject(Rejected {
+                            event: event(&fields),
+                            reason,
+                        });
+                    }
+                    match renamed {
+                        Some(renamed) => Verdict::Renamed(renamed),
+                        None => Verdict::Keep,
+                    }
+                })
+                .collect()
+        });
+        // Nearly every batch is kept as it is: it goes back as it came,
+        // without a copy.
+        if verdicts.iter().all(|v| matches!(v, Verdict::Keep)) {
+            return Ok(ColumnsResult {
+                events: batch,
+                rejected: Vec::new(),
+            });
+        }
+        let keep: Vec<bool> = verdicts
+            .iter()
+            .map(|v| !matches!(v, Verdict::Reject(_)))
+            .collect();
+        let types =
+            ::columns::kept_text(&batch.event_type.data, &batch.event_type.ends, &keep, |i| {
+                match &verdicts[i] {
+                    Verdict::Renamed(t) => Some(t.as_str()),
+                    _ => None,
+                }
+            });
+        let ids = ::columns::kept_text(&batch.event_id.data, &batch.event_id.ends, &keep, |_| None);
+        let events = EventColumns {
+            event_id: TextColumn {
+                data: ids.data,
+                ends: ids.ends,
+            },
+            user_id: ::columns::kept(&batch.user_id, &keep),
+            event_type: TextColumn {
+                data: types.data,
+                ends: types.ends,
+            },
+            product_id: ::columns::kept(&batch.product_id, &keep),
+            price_cents: ::columns::kept(&batch.price_cents, &keep),
+            event_time: ::columns::kept(&batch.event_time, &keep),
+        };
+        let rejected = verdicts
+            .into_iter()
+            .filter_map(|v| match v {
+                Verdict::Reject(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        Ok(ColumnsResult { events, rejected })
+    }
+}
+
+fn event(f: &Fields) -> Event {
+    Event {
+        event_id: f.event_id.to_owned(),
+        user_id: f.user_id,
+        event_type: f.event_type.to_owned(),
+        product_id: f.product_id,
+        price_cents: f.price_cents,
+        event_time: f.event_time,
+    }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 export!(Transform);
