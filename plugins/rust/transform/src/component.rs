@@ -115,39 +115,46 @@ impl columns::Guest for Transform {
                 })
                 .collect()
         });
-        // Nearly every batch is kept as it is: it goes back as it came,
-        // without a copy.
-        if verdicts.iter().all(|v| matches!(v, Verdict::Keep)) {
-            return Ok(ColumnsResult {
-                events: batch,
-                rejected: Vec::new(),
-            });
-        }
+        let renamed = |i: usize| match &verdicts[i] {
+            Verdict::Renamed(t) => Some(t.as_str()),
+            _ => None,
+        };
         let keep: Vec<bool> = verdicts
             .iter()
             .map(|v| !matches!(v, Verdict::Reject(_)))
             .collect();
-        let types =
-            ::columns::kept_text(&batch.event_type.data, &batch.event_type.ends, &keep, |i| {
-                match &verdicts[i] {
-                    Verdict::Renamed(t) => Some(t.as_str()),
-                    _ => None,
-                }
-            });
-        let ids = ::columns::kept_text(&batch.event_id.data, &batch.event_id.ends, &keep, |_| None);
-        let events = EventColumns {
-            event_id: TextColumn {
-                data: ids.data,
-                ends: ids.ends,
-            },
-            user_id: ::columns::kept(&batch.user_id, &keep),
-            event_type: TextColumn {
-                data: types.data,
-                ends: types.ends,
-            },
-            product_id: ::columns::kept(&batch.product_id, &keep),
-            price_cents: ::columns::kept(&batch.price_cents, &keep),
-            event_time: ::columns::kept(&batch.event_time, &keep),
+        let renames = verdicts.iter().any(|v| matches!(v, Verdict::Renamed(_)));
+        // Most batches reject nothing: every column but the renamed types
+        // goes back as it came, without a copy.
+        let events = if keep.iter().all(|&k| k) {
+            let event_type = match renames {
+                true => text(::columns::kept_text(
+                    &batch.event_type.data,
+                    &batch.event_type.ends,
+                    &keep,
+                    renamed,
+                )),
+                false => batch.event_type,
+            };
+            EventColumns {
+                event_type,
+                ..batch
+            }
+        } else {
+            let (ids, types) = (&batch.event_id, &batch.event_type);
+            EventColumns {
+                event_id: text(::columns::kept_text(&ids.data, &ids.ends, &keep, |_| None)),
+                user_id: ::columns::kept(&batch.user_id, &keep),
+                event_type: text(::columns::kept_text(
+                    &types.data,
+                    &types.ends,
+                    &keep,
+                    renamed,
+                )),
+                product_id: ::columns::kept(&batch.product_id, &keep),
+                price_cents: ::columns::kept(&batch.price_cents, &keep),
+                event_time: ::columns::kept(&batch.event_time, &keep),
+            }
         };
         let rejected = verdicts
             .into_iter()
@@ -157,6 +164,13 @@ impl columns::Guest for Transform {
             })
             .collect();
         Ok(ColumnsResult { events, rejected })
+    }
+}
+
+fn text(t: ::columns::Text) -> TextColumn {
+    TextColumn {
+        data: t.data,
+        ends: t.ends,
     }
 }
 
