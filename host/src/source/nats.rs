@@ -27,7 +27,7 @@ use super::lease::{Holder, Leases, Taken};
 use crate::batch::{Batch, FileRef, Malformed, Origin, PartitionMark};
 use crate::jetstream::{self as js, NatsError, NatsUrl};
 use crate::metrics;
-use crate::parse::FileParser;
+use crate::parse::MessageParser;
 use crate::sink::SinkError;
 
 #[derive(Debug, Clone)]
@@ -518,7 +518,7 @@ impl NatsSource {
         let mut malformed = Vec::new();
         let mut last_reply = None;
         let mut last_seq = part.taken;
-        let mut parser = FileParser::resume(None);
+        let mut parser = MessageParser::default();
         loop {
             let Ok(next) = tokio::time::timeout_at(deadline, messages.next()).await else {
                 tracing::debug!(partition = p, "fetch not finished in time");
@@ -546,7 +546,7 @@ impl NatsSource {
             }
             last_seq = seq;
             last_reply = message.reply.as_ref().map(|r| r.to_string());
-            parser.parse(&message.payload, seq, true, |parsed| match parsed.result {
+            parser.parse(&message.payload, seq, |parsed| match parsed.result {
                 Ok(event) => {
                     events.push(event);
                     origins.push(Origin {
