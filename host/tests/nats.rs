@@ -479,3 +479,61 @@ fn a_host_stalled_past_its_lease_cannot_commit_for_what_it_lost() {
     h1.stop();
     h2.stop();
 }
+
+#[test]
+fn once_takes_back_what_it_lost_and_reads_the_stream_to_its_end() {
+    let server = nats_server();
+    let dir = scratch("nats-once-lost");
+    let expected = from_files(&dir);
+    let stream = TestStream::new(&server, "oncelost");
+    let db = fresh_db("nats_once_lost");
+    let mut generator = publish(&stream, &dir, "0s");
+    generator.wait_until("the generator to finish", || generator_done(&dir));
+
+    // Each commit held a moment, so that the run is still going when its
+    // leases are taken from it.
+    let mut cmd = host();
+    cmd.args(run_args_on(
+        &plugins_dir(),
+        Path::new(&stream.url()),
+        &db,
+        &dir.join("state"),
+        free_port(),
+    ))
+    .args([
+        "--host-id",
+        "h1",
+        "--lease",
+        "3s",
+        "--batch-size",
+        "500",
+        "--once",
+    ])
+    .env("PIPELINE_TEST_HOLD_COMMIT_MS", "100");
+    let mut h1 = Running::spawn(cmd, &dir.join("h1.log"));
+    h1.wait_until("h1 to commit a batch", || batches(&db, "host = 'h1'") > 0);
+    // As if another host took every partition over and gave it back (a
+    // stall past the lease does the same, less predictably): each lease
+    // h1 holds is now stale, and each partition free.
+    query(
+        &db,
+        &format!(
+            "UPDATE pipeline.partitions SET host = NULL, epoch = epoch + 1, \
+             expires_at = '-infinity' WHERE stream = '{}' RETURNING partition",
+            stream.name
+        ),
+    );
+    wait_until(PATIENCE, "the --once run to end", || h1.exited());
+    let log = h1.log();
+    assert!(log.contains("partition lost"), "{log}");
+    assert!(
+        log.contains("done:"),
+        "the run did not finish cleanly:\n{log}"
+    );
+    // Taken back and read to the end: nothing lost, nothing doubled.
+    assert_eq!(
+        committed_sequences(&db, &stream.name),
+        stream.last_sequences(8)
+    );
+    assert_exactly_once(&db, &expected);
+}

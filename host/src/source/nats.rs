@@ -14,7 +14,7 @@
 //! One task does it all (leases, fetches, acks), so a batch waiting for
 //! the pipeline never holds back a lease renewal.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -126,6 +126,10 @@ pub struct NatsSource {
     /// With `--once`: taking partitions is over (all taken, or the lease
     /// time waited for those held elsewhere).
     settled: bool,
+    /// With `--once`: partitions lost during the run (a stall past the
+    /// lease, say), to be taken again unless a live host now holds them:
+    /// until then the run is not done.
+    lost: BTreeSet<u32>,
 }
 
 impl NatsSource {
@@ -201,6 +205,7 @@ impl NatsSource {
                 started: now,
                 next_round: now,
                 settled: false,
+                lost: BTreeSet::new(),
             },
             tx,
             status,
@@ -307,6 +312,9 @@ impl NatsSource {
                         "partition lost (its lease was taken or ran out): no longer reading it"
                     );
                     self.parts.remove(&partition);
+                    if self.config.once {
+                        self.lost.insert(partition);
+                    }
                 }
             }
         }
@@ -315,9 +323,11 @@ impl NatsSource {
     /// `--once`: nothing left to read in any partition held, and all of
     /// it committed.
     fn drained(&self) -> bool {
-        self.parts
-            .values()
-            .all(|p| p.empty && p.committed >= p.taken)
+        self.lost.is_empty()
+            && self
+                .parts
+                .values()
+                .all(|p| p.empty && p.committed >= p.taken)
     }
 
     /// Renews the leases, gives up the ones lost, and takes or gives back
@@ -355,7 +365,7 @@ impl NatsSource {
             if !self.settled {
                 total.saturating_sub(self.parts.len())
             } else {
-                0
+                self.lost.len()
             }
         } else {
             self.leases.share(live).saturating_sub(self.parts.len())
@@ -384,6 +394,19 @@ impl NatsSource {
             }
         }
         let holders = self.leases.holders().await?;
+        if !self.lost.is_empty() {
+            // A lost partition another live host holds is left to it.
+            let me = self
+                .status
+                .lock()
+                .map(|s| s.host.clone())
+                .unwrap_or_default();
+            self.lost.retain(|&p| {
+                !holders
+                    .iter()
+                    .any(|h| h.partition == p && h.live && h.host.as_deref() != Some(me.as_str()))
+            });
+        }
         self.publish_status(&holders);
         Ok(())
     }
@@ -403,6 +426,7 @@ impl NatsSource {
                     committed,
                     "partition taken: reading after its committed sequence"
                 );
+                self.lost.remove(&partition);
                 self.parts.insert(
                     partition,
                     Part {
